@@ -1,0 +1,102 @@
+"""Pieces of the fast CPU path that the end-to-end comparison does not isolate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_mamba_seg.kernels import _cpu_kernels, selective_scan
+from napari_mamba_seg.kernels.testing import random_scan_inputs
+
+
+@pytest.fixture(scope="module")
+def vector_exp2():
+    import numba
+
+    @numba.njit(fastmath=_cpu_kernels._FASTMATH)
+    def exp2_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = _cpu_kernels.fast_exp2(x[i])
+
+    return exp2_all
+
+
+@pytest.fixture(scope="module")
+def vector_softplus():
+    import numba
+
+    @numba.njit(fastmath=_cpu_kernels._FASTMATH)
+    def softplus_all(x, out):
+        for i in range(x.shape[0]):
+            out[i] = _cpu_kernels._softplus(x[i])
+
+    return softplus_all
+
+
+def test_fast_exp2_is_accurate_to_float32_rounding(vector_exp2):
+    x = np.concatenate([np.linspace(-125, 127, 2_000_003), np.linspace(-1e-3, 1e-3, 20_001)]).astype(np.float32)
+    out = np.empty_like(x)
+    vector_exp2(x, out)
+    exact = np.exp2(x.astype(np.float64))
+    assert np.max(np.abs(out / exact - 1)) < 3e-7
+
+
+def test_fast_exp2_clamps_instead_of_overflowing(vector_exp2):
+    x = np.array([-1e30, -300.0, -126.0, 128.0, 1e30], dtype=np.float32)
+    out = np.empty_like(x)
+    vector_exp2(x, out)
+    assert np.all(np.isfinite(out))
+    assert out[0] == out[1] == pytest.approx(2.0**-125)
+    assert out[-1] == pytest.approx(2.0**127, rel=1e-6)
+
+
+def test_softplus_matches_log1p_exp(vector_softplus):
+    x = np.linspace(-85, 90, 1_000_001).astype(np.float32)  # softplus(-85) = 1.2e-37 is a normal float32
+    out = np.empty_like(x)
+    vector_softplus(x, out)
+    exact = np.logaddexp(0.0, x.astype(np.float64))
+    # exp(-|x|) is 2**(-|x| * log2e) with log2e and the product rounded to float32: an
+    # error of up to 1e-7 |x| in the exponent, harmless where softplus is used (for
+    # |x| > 20 the step size is below 2e-9 or equal to x).
+    assert np.all(np.abs(out - exact) / exact < 3e-7 + 1e-7 * np.abs(x))
+    # Below that the exact value is subnormal; the kernel's stays at most 2**-125.
+    tiny = np.array([-90.0, -200.0, -1e30], dtype=np.float32)
+    vector_softplus(tiny, out[:3])
+    assert np.all((out[:3] >= 0) & (out[:3] < 3e-38))
+
+
+def test_results_are_deterministic_and_independent_of_thread_count():
+    inputs = random_scan_inputs(2, 40, 16, 300, groups=4, seed=11)
+    first = selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    again = selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    assert torch.equal(first, again)
+    assert torch.equal(first, single)
+
+
+def test_last_state_gradient_is_propagated():
+    """Unlike mamba_ssm, the gradient of the returned last state reaches the inputs."""
+    inputs = random_scan_inputs(1, 8, 4, 50, with_z=False, seed=5)
+    u = inputs["u"].requires_grad_(True)
+    _, last = selective_scan(**inputs, return_last_state=True, backend="cpu")
+    last.sum().backward()
+    exact_u = inputs["u"].detach().double().requires_grad_(True)
+    exact = {**{k: v.detach().double() if v is not None else None for k, v in inputs.items()}, "u": exact_u}
+    _, exact_last = selective_scan(**exact, return_last_state=True, backend="reference")
+    exact_last.sum().backward()
+    assert u.grad.abs().sum() > 0
+    torch.testing.assert_close(u.grad.double(), exact_u.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sequences_longer_than_a_tile_match_the_reference_across_tile_edges():
+    length = 3 * _cpu_kernels.TILE + 5
+    inputs = random_scan_inputs(1, _cpu_kernels.LANES + 3, 4, length, seed=13)
+    out = selective_scan(**inputs, backend="cpu")
+    exact = selective_scan(**{k: v.double() for k, v in inputs.items()}, backend="reference")
+    torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-5)

@@ -9,9 +9,15 @@ deterministic for a given number of threads.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from napari_mamba_seg.kernels._validation import check_scan_inputs
+
+# numba's default threading layer ("workqueue") aborts the process when two Python threads
+# launch parallel kernels at once (a napari worker and a script, say): one launch at a time.
+_KERNEL_LOCK = threading.Lock()
 
 
 def cpu_unavailable_reason(device: torch.device) -> str | None:
@@ -91,11 +97,12 @@ class _SelectiveScanCPU(torch.autograd.Function):
         n_tiles = -(-length // kern.TILE)
         tile_states = u32.new_empty(batch, dim, n_tiles, state)
         last_state = u32.new_zeros(batch, dim, state)
-        kern.scan_forward(
-            u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
-            D32.numpy(), z32.numpy(), softplus, z is not None,
-            out.numpy(), tile_states.numpy(), last_state.numpy(),
-        )  # fmt: skip
+        with _KERNEL_LOCK:
+            kern.scan_forward(
+                u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
+                D32.numpy(), z32.numpy(), softplus, z is not None,
+                out.numpy(), tile_states.numpy(), last_state.numpy(),
+            )  # fmt: skip
         ctx.save_for_backward(u32, delta32, bias32, A32, Bt, Ct, D32, z32, tile_states)
         ctx.setup = (softplus, z is not None, D is not None, delta_bias is not None, ungrouped)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias))
@@ -119,12 +126,13 @@ class _SelectiveScanCPU(torch.autograd.Function):
         dD_per_batch = u32.new_empty(batch, dim)
         dBt_parts = u32.new_zeros(n_parts, batch, groups, length, state)
         dCt_parts = u32.new_zeros(n_parts, batch, groups, length, state)
-        kern.scan_backward(
-            u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
-            D32.numpy(), z32.numpy(), softplus, has_z, dout32.numpy(), tile_states.numpy(), dlast32.numpy(),
-            du.numpy(), ddelta.numpy(), dz.numpy(), dA_per_batch.numpy(), dD_per_batch.numpy(),
-            dBt_parts.numpy(), dCt_parts.numpy(),
-        )  # fmt: skip
+        with _KERNEL_LOCK:
+            kern.scan_backward(
+                u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
+                D32.numpy(), z32.numpy(), softplus, has_z, dout32.numpy(), tile_states.numpy(), dlast32.numpy(),
+                du.numpy(), ddelta.numpy(), dz.numpy(), dA_per_batch.numpy(), dD_per_batch.numpy(),
+                dBt_parts.numpy(), dCt_parts.numpy(),
+            )  # fmt: skip
         dB = dBt_parts.sum(0).transpose(-1, -2)
         dC = dCt_parts.sum(0).transpose(-1, -2)
         if ungrouped:

@@ -50,7 +50,9 @@ _P0 = np.float32(0.9999999999595479)
 # Fast-math without reassociation: contraction into FMA and the like are welcome, but
 # reordering ``x - round(x)`` would lose precision in fast_exp2.
 _FASTMATH = {"nsz", "arcp", "contract", "afn"}
-_JIT = {"fastmath": _FASTMATH, "cache": True, "nogil": True}
+# error_model="numpy": float division without the ZeroDivisionError check, whose branch
+# keeps LLVM from vectorising the loops that divide (softplus, sigmoid).
+_JIT = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": True, "nogil": True}
 
 
 @intrinsic
@@ -170,8 +172,85 @@ def _load_block_rows(A, first, width, state, scale):
     return rows
 
 
+# The backward's tile passes take the lane count as a run-time argument: with the constant
+# LANES, LLVM fully unrolls these small loop bodies before its loop vectoriser runs (and
+# numba leaves the SLP vectoriser off), so they would run scalar, about 3x slower.
+
+
+@numba.njit(**_JIT)
+def _reverse_adjoint(steps, state, C_rows, grad_tile, dh, decays, dh_rows, lanes):
+    """Adjoint recurrence over a tile, last step first: ``dh_t = g_t C_t + a_{t+1} dh_{t+1}``.
+
+    ``dh`` holds ``a_{t+1} dh_{t+1}`` on entry (``(N, LANES)``) and ``a_{t0} dh_{t0}`` on
+    exit; ``dh_rows[t]`` receives ``dh_t``.
+    """
+    for t in range(steps - 1, -1, -1):
+        for n in range(state):
+            cv = C_rows[t, n]
+            for w in range(lanes):
+                dh_t = dh[n, w] + grad_tile[t, w] * cv
+                dh_rows[t, n, w] = dh_t
+                dh[n, w] = dh_t * decays[t, n, w]
+
+
+@numba.njit(**_JIT)
+def _log_decay_grads(steps, state, dh_rows, rows, decays, lanes):
+    """Overwrite ``decays[t]`` with ``d loss / d (dt_t A) = dh_t * h_{t-1} * a_t``."""
+    for t in range(steps):
+        for n in range(state):
+            for w in range(lanes):
+                decays[t, n, w] = dh_rows[t, n, w] * rows[t, n, w] * decays[t, n, w]
+
+
+@numba.njit(**_JIT)
+def _state_sums_by_lane(steps, state, values, lane_rows, out, lanes):
+    """``out[t, w] = sum_n values[t, n, w] * lane_rows[n, w]`` (A of the block's channels)."""
+    for t in range(steps):
+        for w in range(lanes):
+            out[t, w] = 0.0
+        for n in range(state):
+            for w in range(lanes):
+                out[t, w] += values[t, n, w] * lane_rows[n, w]
+
+
+@numba.njit(**_JIT)
+def _state_sums_by_row(steps, state, values, row_weights, out, lanes):
+    """``out[t, w] = sum_n values[t, n, w] * row_weights[t, n]`` (B or C of one group)."""
+    for t in range(steps):
+        for w in range(lanes):
+            out[t, w] = 0.0
+        for n in range(state):
+            weight = row_weights[t, n]
+            for w in range(lanes):
+                out[t, w] += values[t, n, w] * weight
+
+
+@numba.njit(**_JIT)
+def _add_decay_rate_grads(steps, state, log_decay_grads, dt_tile, dA_acc, lanes):
+    """``dA_acc[n, w] += sum_t log_decay_grads[t, n, w] * dt[t, w]``."""
+    for t in range(steps):
+        for n in range(state):
+            for w in range(lanes):
+                dA_acc[n, w] += log_decay_grads[t, n, w] * dt_tile[t, w]
+
+
+@numba.njit(**{**_JIT, "fastmath": True})
+def _add_lane_sums(values, lane_weights, steps, target):
+    """``target[t, n] += sum_w values[t, n, w] * lane_weights[t, w]`` for ``t < steps``.
+
+    Full fast-math here: summing the lanes in any order lets LLVM vectorise the sum,
+    where a strict left-to-right order costs a chain of dependent scalar additions.
+    """
+    for t in range(steps):
+        for n in range(values.shape[1]):
+            total = np.float32(0.0)
+            for w in range(LANES):
+                total += values[t, n, w] * lane_weights[t, w]
+            target[t, n] += total
+
+
 @numba.njit(parallel=True, **_JIT)
-def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, tile_states, last_state):
+def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, tile_states, last_state, save_states):
     """Forward selective scan.
 
     Args:
@@ -186,8 +265,10 @@ def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, ti
         softplus: Apply softplus to ``delta + delta_bias``.
         has_z: Multiply the output by ``silu(z)``.
         out: Output ``(b, d, L)``, written.
-        tile_states: ``(b, d, n_tiles, N)``, written: the state before each tile.
+        tile_states: ``(b, d, n_tiles, N)``, written if ``save_states``: the state before
+            each tile, for the backward pass.
         last_state: ``(b, d, N)``, written: the state after the last position.
+        save_states: Write ``tile_states`` (skip it when no gradient is needed).
     """
     batch, dim, length = u.shape
     groups, state = Bt.shape[1], Bt.shape[3]
@@ -199,23 +280,25 @@ def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, ti
         dt_tile = np.empty((TILE, LANES), dtype=np.float32)
         u_tile = np.empty((TILE, LANES), dtype=np.float32)
         y_tile = np.empty((TILE, LANES), dtype=np.float32)
+        dtu_tile = np.empty((TILE, LANES), dtype=np.float32)
         row = np.empty(TILE, dtype=np.float32)
         for k in range(n_tiles):
             t0 = k * TILE
             steps = min(TILE, length - t0)
-            for w in range(width):
-                for n in range(state):
-                    tile_states[b, first + w, k, n] = h[n, w]
+            if save_states:
+                for w in range(width):
+                    for n in range(state):
+                        tile_states[b, first + w, k, n] = h[n, w]
             _load_tile(u, delta, delta_bias, softplus, b, first, width, t0, steps, dt_tile, u_tile, row)
             for t in range(steps):
                 for w in range(LANES):
                     y_tile[t, w] = 0.0
+                    dtu_tile[t, w] = dt_tile[t, w] * u_tile[t, w]
                 for n in range(state):
                     bv = Bt[b, g, t0 + t, n]
                     cv = Ct[b, g, t0 + t, n]
                     for w in range(LANES):
-                        dt = dt_tile[t, w]
-                        hv = fast_exp2(dt * rates[n, w]) * h[n, w] + dt * u_tile[t, w] * bv
+                        hv = fast_exp2(dt_tile[t, w] * rates[n, w]) * h[n, w] + dtu_tile[t, w] * bv
                         h[n, w] = hv
                         y_tile[t, w] += hv * cv
             for w in range(width):
@@ -234,7 +317,7 @@ def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, ti
 @numba.njit(parallel=True, **_JIT)
 def scan_backward(
     u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, dout, tile_states, dlast_state,
-    du, ddelta, dz, dA_per_batch, dD_per_batch, dBt_parts, dCt_parts,
+    du, ddelta, dz, dA_per_batch, dD_per_batch, dBt_parts, dCt_parts, lanes,
 ):  # fmt: skip
     """Backward selective scan: recompute each tile from its stored state, then reverse.
 
@@ -250,6 +333,7 @@ def scan_backward(
         dD_per_batch: ``(b, d)``, written; sum over the batch axis for dD.
         dBt_parts: ``(P, b, g, L, N)`` zeros; part ``p`` adds the blocks it ran. Sum over P.
         dCt_parts: ``(P, b, g, L, N)`` zeros; like ``dBt_parts``.
+        lanes: :data:`LANES`, passed at run time (see the note above ``_reverse_adjoint``).
     """
     batch, dim, length = u.shape
     groups, state = Bt.shape[1], Bt.shape[3]
@@ -262,11 +346,11 @@ def scan_backward(
         grad_tile = np.empty((TILE, LANES), dtype=np.float32)
         dt_tile = np.empty((TILE, LANES), dtype=np.float32)
         u_tile = np.empty((TILE, LANES), dtype=np.float32)
-        du_tile = np.empty((TILE, LANES), dtype=np.float32)
-        ddt_tile = np.empty((TILE, LANES), dtype=np.float32)
+        dtu_tile = np.empty((TILE, LANES), dtype=np.float32)
+        sum_dh_B = np.empty((TILE, LANES), dtype=np.float32)
+        sum_dlog_A = np.empty((TILE, LANES), dtype=np.float32)
         row = np.empty(TILE, dtype=np.float32)
-        dB_lanes = np.empty((TILE, state, LANES), dtype=np.float32)
-        dC_lanes = np.empty((TILE, state, LANES), dtype=np.float32)
+        dh_rows = np.empty((TILE, state, LANES), dtype=np.float32)
         dh = np.empty((state, LANES), dtype=np.float32)
         dA_acc = np.empty((state, LANES), dtype=np.float32)
         for block in range(part, n_blocks, n_parts):
@@ -316,45 +400,30 @@ def scan_backward(
                 for w in range(width, LANES):
                     for t in range(steps):
                         grad_tile[t, w] = 0.0
-                # Reverse scan over the tile.
-                for t in range(steps - 1, -1, -1):
-                    for w in range(LANES):
-                        du_tile[t, w] = 0.0
-                        ddt_tile[t, w] = 0.0
-                    for n in range(state):
-                        bv = Bt[b, g, t0 + t, n]
-                        cv = Ct[b, g, t0 + t, n]
-                        for w in range(LANES):
-                            dt = dt_tile[t, w]
-                            uv = u_tile[t, w]
-                            gv = grad_tile[t, w]
-                            dh_t = dh[n, w] + gv * cv
-                            a = decays[t, n, w]
-                            d_log_decay = dh_t * rows[t, n, w] * a  # d loss / d (dt * A)
-                            dC_lanes[t, n, w] = gv * rows[t + 1, n, w]
-                            dB_lanes[t, n, w] = dh_t * dt * uv
-                            du_tile[t, w] += dh_t * dt * bv
-                            ddt_tile[t, w] += dh_t * uv * bv + d_log_decay * a_rows[n, w]
-                            dA_acc[n, w] += d_log_decay * dt
-                            dh[n, w] = dh_t * a
+                # Reverse scan over the tile, then the gradients it feeds:
+                #   d(dt A) = dh_t h_{t-1} a_t, dA += d(dt A) dt,
+                #   du = dt sum_n dh_t B, d dt = u sum_n dh_t B + sum_n d(dt A) A,
+                #   dB = sum_w dh_t dt u,  dC = sum_w g h_t.
+                B_rows = Bt[b, g, t0:]
+                _reverse_adjoint(steps, state, Ct[b, g, t0:], grad_tile, dh, decays, dh_rows, lanes)
+                _log_decay_grads(steps, state, dh_rows, rows, decays, lanes)
+                _add_decay_rate_grads(steps, state, decays, dt_tile, dA_acc, lanes)
+                _state_sums_by_row(steps, state, dh_rows, B_rows, sum_dh_B, lanes)
+                _state_sums_by_lane(steps, state, decays, a_rows, sum_dlog_A, lanes)
                 for t in range(steps):
-                    for n in range(state):
-                        sum_b = np.float32(0.0)
-                        sum_c = np.float32(0.0)
-                        for w in range(LANES):
-                            sum_b += dB_lanes[t, n, w]
-                            sum_c += dC_lanes[t, n, w]
-                        dBt_parts[part, b, g, t0 + t, n] += sum_b
-                        dCt_parts[part, b, g, t0 + t, n] += sum_c
+                    for w in range(LANES):
+                        dtu_tile[t, w] = dt_tile[t, w] * u_tile[t, w]
+                _add_lane_sums(dh_rows, dtu_tile, steps, dBt_parts[part, b, g, t0:])
+                _add_lane_sums(rows[1:], grad_tile, steps, dCt_parts[part, b, g, t0:])
                 for w in range(width):
                     c = first + w
                     bias = delta_bias[c]
                     for t in range(steps):
-                        ddt = ddt_tile[t, w]
+                        ddt = u_tile[t, w] * sum_dh_B[t, w] + sum_dlog_A[t, w]
                         if softplus:
                             ddt *= _sigmoid(delta[b, c, t0 + t] + bias)
                         ddelta[b, c, t0 + t] = ddt
-                        du[b, c, t0 + t] = du_tile[t, w] + D[c] * grad_tile[t, w]
+                        du[b, c, t0 + t] = dt_tile[t, w] * sum_dh_B[t, w] + D[c] * grad_tile[t, w]
             for w in range(width):
                 dD_per_batch[b, first + w] = dD_acc[w]
                 for n in range(state):

@@ -94,14 +94,16 @@ class _SelectiveScanCPU(torch.autograd.Function):
         bias32 = _f32(delta_bias) if delta_bias is not None else u32.new_zeros(dim)
         z32 = _f32(z) if z is not None else u32.new_zeros(1, 1, 1)
         out = u32.new_empty(batch, dim, length)
-        n_tiles = -(-length // kern.TILE)
+        # The states the backward pass restarts from; not needed under no_grad (inference).
+        save_states = any(ctx.needs_input_grad[:8])
+        n_tiles = -(-length // kern.TILE) if save_states else 0
         tile_states = u32.new_empty(batch, dim, n_tiles, state)
         last_state = u32.new_zeros(batch, dim, state)
         with _KERNEL_LOCK:
             kern.scan_forward(
                 u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
                 D32.numpy(), z32.numpy(), softplus, z is not None,
-                out.numpy(), tile_states.numpy(), last_state.numpy(),
+                out.numpy(), tile_states.numpy(), last_state.numpy(), save_states,
             )  # fmt: skip
         ctx.save_for_backward(u32, delta32, bias32, A32, Bt, Ct, D32, z32, tile_states)
         ctx.setup = (softplus, z is not None, D is not None, delta_bias is not None, ungrouped)
@@ -131,7 +133,7 @@ class _SelectiveScanCPU(torch.autograd.Function):
                 u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
                 D32.numpy(), z32.numpy(), softplus, has_z, dout32.numpy(), tile_states.numpy(), dlast32.numpy(),
                 du.numpy(), ddelta.numpy(), dz.numpy(), dA_per_batch.numpy(), dD_per_batch.numpy(),
-                dBt_parts.numpy(), dCt_parts.numpy(),
+                dBt_parts.numpy(), dCt_parts.numpy(), kern.LANES,
             )  # fmt: skip
         dB = dBt_parts.sum(0).transpose(-1, -2)
         dC = dCt_parts.sum(0).transpose(-1, -2)

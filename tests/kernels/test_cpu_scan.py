@@ -149,3 +149,15 @@ def test_trained_ranges_stay_finite_and_accurate_at_length_65536():
     for name in ("u", "delta", "A", "B", "C", "D", "delta_bias"):
         assert torch.isfinite(fast[name].grad).all(), name
         assert relative_error(fast[name].grad, exact[name].grad) < 1e-3, name
+
+
+def test_inference_without_gradients_gives_the_same_output():
+    """Under no_grad the forward skips storing tile states; the output must not change."""
+    inputs = random_scan_inputs(1, 20, 8, 3 * _cpu_kernels.TILE + 1, groups=2, seed=19)
+    with torch.no_grad():
+        inferred = selective_scan(**inputs, delta_softplus=True, backend="cpu")
+    trained = selective_scan(
+        **{k: v.clone().requires_grad_(True) for k, v in inputs.items()}, delta_softplus=True, backend="cpu"
+    )
+    assert trained.requires_grad
+    assert torch.equal(inferred, trained.detach())

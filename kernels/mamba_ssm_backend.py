@@ -16,6 +16,9 @@ INSTALL_HINT = "pip install 'napari-mamba-seg[cuda]' (mamba-ssm needs Linux, an 
 
 @functools.cache
 def _import_error() -> str | None:
+    from napari_mamba_seg.kernels._triton_import import import_triton_isolated
+
+    import_triton_isolated()  # mamba_ssm imports triton; see that module
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # noqa: F401
     except Exception as error:  # a broken CUDA build raises OSError or ImportError alike

@@ -40,8 +40,10 @@ from typing import Any
 
 import torch
 
+from napari_mamba_seg.kernels._triton_import import import_triton_isolated
 from napari_mamba_seg.kernels._validation import check_scan_inputs
 
+import_triton_isolated()  # a plain import next to Mesa's OpenGL (napari) crashes; see that module
 try:
     import triton
     import triton.language as tl

@@ -1,0 +1,74 @@
+"""Shared test configuration: markers (declared in pyproject.toml) and common fixtures.
+
+- ``gpu``: skipped, with the reason, when torch sees no CUDA device.
+- ``slow``: runs by default; deselect with ``-m "not slow"``.
+- triton (when installed) is imported at start-up, before any test creates an OpenGL context.
+- ``gui``: runs by default (under ``xvfb-run`` in CI). Never skipped here; when the environment
+  variable ``CI`` is set, a skipped gui test is reported as a failure, so a broken display set-up
+  cannot hide the GUI tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Import triton before any test creates an OpenGL context: with Mesa, a first `import triton`
+    # after that crashes the whole test process (see kernels/_triton_import.py;
+    # tests/test_manifest.py::test_backends_widget_after_opengl_in_a_fresh_process covers the real order).
+    with contextlib.suppress(Exception):
+        import triton  # noqa: F401
+
+
+def _cuda_missing_reason() -> str | None:
+    """None if a CUDA device is usable, else why not (imports torch, so call it only when needed)."""
+    try:
+        import torch
+    except ImportError as error:  # pragma: no cover - torch is a hard dependency
+        return f"torch cannot be imported: {error}"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+        return f"needs a CUDA GPU; torch {torch.__version__} ({build}) sees none"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    reason = _cuda_missing_reason()
+    if reason is None:
+        return
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    report = yield
+    if report.skipped and os.environ.get("CI") and item.get_closest_marker("gui"):
+        report.outcome = "failed"
+        report.longrepr = f"gui test skipped in CI (CI={os.environ['CI']!r}); GUI tests must run under Xvfb in CI"
+    return report
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository checkout the tests run from."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (development data sets); skips the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"development data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,112 @@
+"""The ``napari-mamba-seg`` console script: help, ``backends`` and ``demo``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from napari_mamba_seg import __version__, cli
+
+FAKE_BACKENDS = {"reference": None, "cpu": None, "triton": "no CUDA device", "mamba_ssm": "mamba_ssm is not installed"}
+
+
+def _script() -> Path:
+    script = Path(sys.executable).parent / "napari-mamba-seg"
+    assert script.exists(), f"console script missing at {script}; reinstall with `pip install -e '.[test]'`"
+    return script
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([_script(), *args], capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = _run("--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: napari-mamba-seg" in result.stdout
+    for subcommand in ("demo", "backends"):
+        assert subcommand in result.stdout
+    for subcommand in ("demo", "backends"):
+        sub = _run(subcommand, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert f"usage: napari-mamba-seg {subcommand}" in sub.stdout
+
+
+def test_version() -> None:
+    result = _run("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"napari-mamba-seg {__version__}"
+
+
+def test_no_subcommand_is_an_error() -> None:
+    result = _run()
+    assert result.returncode == 2
+    assert "required" in result.stderr
+
+
+def test_help_does_not_import_heavy_modules() -> None:
+    code = """
+        import json, sys
+        from napari_mamba_seg import cli
+        try:
+            cli.main(["--help"])
+        except SystemExit:
+            pass
+        print(json.dumps([m for m in ("torch", "numba", "napari", "qtpy") if m in sys.modules]))
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_backends_table_format() -> None:
+    table = cli.format_backends_table(FAKE_BACKENDS).splitlines()
+    assert table[0].split() == ["backend", "status", "reason"]
+    assert table[1].split() == ["reference", "available"]
+    assert table[3].split()[:2] == ["triton", "unavailable"]
+    assert table[3].endswith("no CUDA device")
+    assert len(table) == 1 + len(FAKE_BACKENDS)
+
+
+def test_backends_prints_what_available_backends_returns(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("napari_mamba_seg.kernels.available_backends", lambda: dict(FAKE_BACKENDS), raising=False)
+    assert cli.main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == cli.format_backends_table(FAKE_BACKENDS)
+
+
+def test_backends_on_this_machine() -> None:
+    """The real engine: the pure-torch reference backend is available everywhere."""
+    result = _run("backends")
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert lines.get("reference") == "available", result.stdout
+
+
+@pytest.mark.gui
+def test_demo_docks_the_plugin_widgets(make_napari_viewer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``napari-mamba-seg demo`` docks every widget of the manifest (event loop not started)."""
+    import napari
+
+    monkeypatch.setattr("napari_mamba_seg.kernels.available_backends", lambda: dict(FAKE_BACKENDS), raising=False)
+    viewers = []
+
+    def make_viewer(**kwargs):
+        viewers.append(make_napari_viewer(**kwargs))
+        return viewers[-1]
+
+    monkeypatch.setattr(napari, "Viewer", make_viewer)
+    assert cli.main(["demo", "--no-event-loop"]) == 0
+    (viewer,) = viewers
+    docked = " ".join(viewer.window.dock_widgets)
+    for widget_name in cli._plugin_widget_names():
+        assert widget_name in docked

@@ -1,0 +1,1 @@
+"""Bundled model bundles (card.json + model.safetensors), one folder each."""

@@ -145,3 +145,53 @@ def test_half_precision_inputs_keep_their_dtype(backend, dtype):
     assert out.dtype == dtype
     rounding = 2e-3 if dtype == torch.float16 else 1.6e-2
     assert relative_error(out, exact) < rounding
+
+
+CUDA_BACKENDS = ("triton", "mamba_ssm")
+# mamba_ssm's own test tolerances (rtol, atol) for half inputs, doubled for gradients.
+HALF_TOLERANCES = {torch.float16: (3e-3, 5e-3), torch.bfloat16: (3e-2, 5e-2)}
+
+
+def _skip_unless_runs_on_cuda(backend: str) -> None:
+    reason = available_backends("cuda")[backend]
+    if reason is not None:
+        pytest.skip(f"{backend} cannot run here: {reason}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("case", GRID, ids=_grid_id)
+def test_cuda_backends_match_reference(backend, case):
+    _skip_unless_runs_on_cuda(backend)
+    batch, dim, state, length, grouped, options = case
+    seed = zlib.crc32(_grid_id(case).encode())
+    groups = (2 if dim == 4 else 4) if grouped else None
+    inputs = random_scan_inputs(
+        batch,
+        dim,
+        state,
+        length,
+        groups,
+        with_D=options["with_D"],
+        with_z=options["with_z"],
+        with_delta_bias=options["with_delta_bias"],
+        device="cuda",
+        seed=seed,
+    )
+    errors = compare_with_reference(backend, inputs, options["delta_softplus"], options["return_last_state"], seed)
+    if backend == "mamba_ssm":  # mamba_ssm does not propagate the gradient of the last state
+        errors = {k: v for k, v in errors.items() if not (options["return_last_state"] and k.startswith("d"))}
+    _assert_within_tolerance(errors)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_backends_half_precision(backend, dtype):
+    _skip_unless_runs_on_cuda(backend)
+    inputs = random_scan_inputs(2, 64, 16, 4096, groups=4, dtype=dtype, device="cuda", seed=23)
+    out = selective_scan(**inputs, delta_softplus=True, backend=backend)
+    exact = selective_scan(**{k: v.double() if v is not None else None for k, v in inputs.items()}, delta_softplus=True)
+    rtol, atol = HALF_TOLERANCES[dtype]
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), exact, rtol=rtol, atol=atol)

@@ -56,35 +56,38 @@ _JIT = {"fastmath": _FASTMATH, "error_model": "numpy", "cache": True, "nogil": T
 
 
 @intrinsic
-def _float32_from_bits(typingctx, bits):
-    """Reinterpret the low 32 bits of an integer as a float32 (LLVM bitcast, vectorisable)."""
-    if not isinstance(bits, types.Integer):
+def _pow2_from_biased(typingctx, biased):
+    """``2**(biased - 126)`` as float32 from an int32 ``biased`` in [1, 253], vectorisable.
+
+    Builds the float's bits, ``(biased + 1) << 23``, in 32-bit integer instructions
+    (numba would widen the arithmetic to int64, which AVX2 cannot vectorise well).
+    """
+    if biased != types.int32:
         return None
 
     def codegen(context, builder, signature, args):
-        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
-        return builder.bitcast(low, ir.FloatType())
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i32, 1)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
 
-    return types.float32(bits), codegen
+    return types.float32(types.int32), codegen
 
 
 @numba.njit(inline="always", **_JIT)
 def fast_exp2(x):
     """``2**x`` in float32 for ``x`` in ``[-125, 127]`` (clamped outside), vectorisable."""
     x = min(max(x, np.float32(-125.0)), np.float32(127.0))
-    # round(x) + 126 by a truncating conversion of a positive number, and every integer
-    # step as a float32 -> int32 conversion: numba widens int32 arithmetic to int64,
-    # which AVX2 cannot convert back to float in vector registers.
-    shifted = np.float32(np.int32(x + np.float32(126.5)))
-    f = x - (shifted - np.float32(126.0))
+    # round(x) + 126 by a truncating conversion of a positive number (no libm call);
+    # f = x - round(x) in [-0.5, 0.5].
+    biased = np.int32(x + np.float32(126.5))
+    f = x - (np.float32(biased) - np.float32(126.0))
     p = _P6 * f + _P5
     p = p * f + _P4
     p = p * f + _P3
     p = p * f + _P2
     p = p * f + _P1
     p = p * f + _P0
-    scale = _float32_from_bits(np.int32((shifted + np.float32(1.0)) * np.float32(8388608.0)))  # 2**23
-    return p * scale
+    return p * _pow2_from_biased(biased)
 
 
 @numba.njit(inline="always", **_JIT)
@@ -276,6 +279,9 @@ def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, ti
     for block in numba.prange(count_blocks(batch, dim, groups)):
         b, g, first, width = _block_channels(block, dim, groups)
         rates = _load_block_rows(A, first, width, state, LOG2E)  # exp(dt A) = 2**(dt A log2 e)
+        skip = np.zeros(LANES, dtype=np.float32)
+        for w in range(width):
+            skip[w] = D[first + w]
         h = np.zeros((state, LANES), dtype=np.float32)
         dt_tile = np.empty((TILE, LANES), dtype=np.float32)
         u_tile = np.empty((TILE, LANES), dtype=np.float32)
@@ -292,7 +298,7 @@ def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, ti
             _load_tile(u, delta, delta_bias, softplus, b, first, width, t0, steps, dt_tile, u_tile, row)
             for t in range(steps):
                 for w in range(LANES):
-                    y_tile[t, w] = 0.0
+                    y_tile[t, w] = skip[w] * u_tile[t, w]  # y starts from D * u
                     dtu_tile[t, w] = dt_tile[t, w] * u_tile[t, w]
                 for n in range(state):
                     bv = Bt[b, g, t0 + t, n]
@@ -303,12 +309,13 @@ def scan_forward(u, delta, delta_bias, A, Bt, Ct, D, z, softplus, has_z, out, ti
                         y_tile[t, w] += hv * cv
             for w in range(width):
                 c = first + w
-                for t in range(steps):
-                    y = y_tile[t, w] + D[c] * u_tile[t, w]
-                    if has_z:
+                if has_z:
+                    for t in range(steps):
                         zv = z[b, c, t0 + t]
-                        y *= zv * _sigmoid(zv)
-                    out[b, c, t0 + t] = y
+                        out[b, c, t0 + t] = y_tile[t, w] * zv * _sigmoid(zv)
+                else:
+                    for t in range(steps):
+                        out[b, c, t0 + t] = y_tile[t, w]
         for w in range(width):
             for n in range(state):
                 last_state[b, first + w, n] = h[n, w]

@@ -14,28 +14,26 @@ from napari_mamba_seg.kernels import _cpu_kernels, selective_scan
 from napari_mamba_seg.kernels.testing import random_scan_inputs, relative_error
 
 
-@pytest.fixture(scope="module")
-def vector_exp2():
+def _elementwise(scalar_fn):
+    """Compile a loop applying one of the kernels' inline scalar functions to an array."""
     import numba
 
-    @numba.njit(fastmath=_cpu_kernels._FASTMATH)
-    def exp2_all(x, out):
+    @numba.njit(fastmath=_cpu_kernels._FASTMATH, error_model="numpy")
+    def apply(x, out):
         for i in range(x.shape[0]):
-            out[i] = _cpu_kernels.fast_exp2(x[i])
+            out[i] = scalar_fn(x[i])
 
-    return exp2_all
+    return apply
+
+
+@pytest.fixture(scope="module")
+def vector_exp2():
+    return _elementwise(_cpu_kernels.fast_exp2)
 
 
 @pytest.fixture(scope="module")
 def vector_softplus():
-    import numba
-
-    @numba.njit(fastmath=_cpu_kernels._FASTMATH)
-    def softplus_all(x, out):
-        for i in range(x.shape[0]):
-            out[i] = _cpu_kernels._softplus(x[i])
-
-    return softplus_all
+    return _elementwise(_cpu_kernels._softplus)
 
 
 def test_fast_exp2_is_accurate_to_float32_rounding(vector_exp2):

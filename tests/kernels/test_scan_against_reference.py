@@ -100,9 +100,8 @@ def _assert_within_tolerance(errors: dict, out_tol: float = OUT_TOLERANCE, grad_
         assert error <= tolerance, f"{name}: relative error {error:.3g} > {tolerance:g} (all: {errors})"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("case", GRID, ids=_grid_id)
-def test_cpu_backends_match_reference(backend, case):
+def _run_grid_case(backend: str, case: tuple, device: str) -> dict:
+    """Draw the inputs of one grid case on ``device`` and compare ``backend`` with the reference."""
     batch, dim, state, length, grouped, options = case
     seed = zlib.crc32(_grid_id(case).encode())
     groups = (2 if dim == 4 else 4) if grouped else None
@@ -115,10 +114,16 @@ def test_cpu_backends_match_reference(backend, case):
         with_D=options["with_D"],
         with_z=options["with_z"],
         with_delta_bias=options["with_delta_bias"],
+        device=device,
         seed=seed,
     )
-    errors = compare_with_reference(backend, inputs, options["delta_softplus"], options["return_last_state"], seed)
-    _assert_within_tolerance(errors)
+    return compare_with_reference(backend, inputs, options["delta_softplus"], options["return_last_state"], seed)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", GRID, ids=_grid_id)
+def test_cpu_backends_match_reference(backend, case):
+    _assert_within_tolerance(_run_grid_case(backend, case, "cpu"))
 
 
 def test_grid_covers_every_option_combination():
@@ -163,24 +168,10 @@ def _skip_unless_runs_on_cuda(backend: str) -> None:
 @pytest.mark.parametrize("case", GRID, ids=_grid_id)
 def test_cuda_backends_match_reference(backend, case):
     _skip_unless_runs_on_cuda(backend)
-    batch, dim, state, length, grouped, options = case
-    seed = zlib.crc32(_grid_id(case).encode())
-    groups = (2 if dim == 4 else 4) if grouped else None
-    inputs = random_scan_inputs(
-        batch,
-        dim,
-        state,
-        length,
-        groups,
-        with_D=options["with_D"],
-        with_z=options["with_z"],
-        with_delta_bias=options["with_delta_bias"],
-        device="cuda",
-        seed=seed,
-    )
-    errors = compare_with_reference(backend, inputs, options["delta_softplus"], options["return_last_state"], seed)
-    if backend == "mamba_ssm":  # mamba_ssm does not propagate the gradient of the last state
-        errors = {k: v for k, v in errors.items() if not (options["return_last_state"] and k.startswith("d"))}
+    errors = _run_grid_case(backend, case, "cuda")
+    if backend == "mamba_ssm" and case[-1]["return_last_state"]:
+        # mamba_ssm does not propagate the gradient of the last state
+        errors = {k: v for k, v in errors.items() if not k.startswith("d")}
     _assert_within_tolerance(errors)
 
 

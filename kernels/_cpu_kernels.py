@@ -381,13 +381,13 @@ def scan_backward(
                 for t in range(steps):
                     for w in range(LANES):
                         grad_tile[t, w] = 0.0  # holds y until the gate is applied
+                        dtu_tile[t, w] = dt_tile[t, w] * u_tile[t, w]
                     for n in range(state):
                         bv = Bt[b, g, t0 + t, n]
                         cv = Ct[b, g, t0 + t, n]
                         for w in range(LANES):
-                            dt = dt_tile[t, w]
-                            a = fast_exp2(dt * rates[n, w])
-                            hv = a * rows[t, n, w] + dt * u_tile[t, w] * bv
+                            a = fast_exp2(dt_tile[t, w] * rates[n, w])
+                            hv = a * rows[t, n, w] + dtu_tile[t, w] * bv
                             decays[t, n, w] = a
                             rows[t + 1, n, w] = hv
                             grad_tile[t, w] += hv * cv
@@ -417,9 +417,6 @@ def scan_backward(
                 _add_decay_rate_grads(steps, state, decays, dt_tile, dA_acc, lanes)
                 _state_sums_by_row(steps, state, dh_rows, B_rows, sum_dh_B, lanes)
                 _state_sums_by_lane(steps, state, decays, a_rows, sum_dlog_A, lanes)
-                for t in range(steps):
-                    for w in range(LANES):
-                        dtu_tile[t, w] = dt_tile[t, w] * u_tile[t, w]
                 _add_lane_sums(dh_rows, dtu_tile, steps, dBt_parts[part, b, g, t0:])
                 _add_lane_sums(rows[1:], grad_tile, steps, dCt_parts[part, b, g, t0:])
                 for w in range(width):

@@ -55,14 +55,18 @@ __all__ = ["selective_scan_triton", "triton_unavailable_reason"]
 
 # Largest chunk of the sequence one program scans at once (a power of two). Tests lower it to exercise chunk
 # boundaries cheaply.
-_MAX_BLOCK_L = 128
+_MAX_BLOCK_L = 256
 # Smallest chunk (short sequences are padded up to it).
 _MIN_BLOCK_L = 16
-# Chunks are also capped to (N, BLOCK_L) tiles of at most this many elements: the backward keeps about ten such
-# float32 tiles live, and (16, 64) with 8 warps compiles for sm_90 without register spills (131 registers).
-_MAX_TILE = 1024
+# Chunks are also capped to (N, BLOCK_L) tiles of at most this many elements. Inference (no saved states) and
+# training (forward saving chunk states + backward, which must agree on the chunk) have their own caps, tuned on an
+# H100 at the SS2D benchmark shape (d 768, N 16, L 4096; sweep in BENCHMARKS.md): inference is fastest with
+# (16, 128) tiles and 4 warps (146 us vs 228 us at (16, 64)); training with (16, 256) tiles and 4 warps in the
+# backward (927 us forward+backward vs 1228 us at (16, 64) with 8 warps), despite register spills.
+_MAX_TILE_INFERENCE = 2048
+_MAX_TILE_TRAINING = 4096
 _NUM_WARPS_FWD = 4
-_NUM_WARPS_BWD = 8
+_NUM_WARPS_BWD = 4
 
 _INSTALL_HINT = (
     "pip install triton (Linux x86_64); it needs an NVIDIA GPU, or TRITON_INTERPRET=1 for the CPU interpreter"
@@ -456,10 +460,12 @@ def _kernel(name: str, device: torch.device) -> Any:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _block_sizes(length: int, state: int) -> tuple[int, int]:
-    """``(BLOCK_L, BLOCK_N)``; forward and backward must agree, the saved states are per BLOCK_L chunk."""
+def _block_sizes(length: int, state: int, training: bool) -> tuple[int, int]:
+    """``(BLOCK_L, BLOCK_N)``. With ``training`` (states saved for the backward) forward and backward must agree:
+    the saved states are per BLOCK_L chunk."""
     block_n = triton.next_power_of_2(state)
-    cap = max(_MIN_BLOCK_L, min(_MAX_BLOCK_L, _MAX_TILE // block_n))
+    max_tile = _MAX_TILE_TRAINING if training else _MAX_TILE_INFERENCE
+    cap = max(_MIN_BLOCK_L, min(_MAX_BLOCK_L, max_tile // block_n))
     block_l = min(cap, max(_MIN_BLOCK_L, triton.next_power_of_2(max(length, 1))))
     return block_l, block_n
 
@@ -491,7 +497,7 @@ def _forward(
     state = A.shape[1]
     B4, C4 = _as_grouped(B), _as_grouped(C)
     groups = B4.shape[1]
-    block_l, block_n = _block_sizes(length, state)
+    block_l, block_n = _block_sizes(length, state, training=save_states)
     n_chunks = triton.cdiv(length, block_l)
 
     out = torch.empty((batch, dim, length), dtype=u.dtype, device=u.device)
@@ -555,7 +561,7 @@ def _backward(
     state = A.shape[1]
     B4, C4 = _as_grouped(B), _as_grouped(C)
     groups = B4.shape[1]
-    block_l, block_n = _block_sizes(length, state)
+    block_l, block_n = _block_sizes(length, state, training=True)
     n_chunks = triton.cdiv(length, block_l)
     dev = u.device
 

@@ -3,6 +3,7 @@
 Subcommands:
     demo      open napari with the plugin's widgets docked
     backends  print which selective-scan backends this machine can run
+    models    list the registered architectures and the bundled model bundles
 
 Heavy imports (torch, napari, Qt) happen inside the subcommands, so ``--help`` is instant.
 """
@@ -64,6 +65,59 @@ def run_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: every column but the last padded to its widest cell, two spaces apart.
+
+    Args:
+        rows: The header row, then one row per line; all rows have the same number of cells.
+    """
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    lines = ["  ".join([*(f"{cell:<{w}}" for cell, w in zip(row, widths, strict=False)), row[-1]]) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_models_listing(architectures: Sequence[Sequence[str]], bundled: Sequence[Sequence[str]]) -> str:
+    """The text ``napari-mamba-seg models`` prints.
+
+    Args:
+        architectures: ``(name, "2D" or "3D", description)`` per registered architecture.
+        bundled: ``(name, architecture, modality, class names)`` per bundled bundle.
+    """
+    lines = ["Architectures (napari_mamba_seg.models.create_model):"]
+    lines.append(format_table([("name", "dims", "description"), *architectures]) if architectures else "  none")
+    lines += ["", "Bundled model bundles (napari_mamba_seg.bundles.load_bundle by name):"]
+    if bundled:
+        lines.append(format_table([("name", "architecture", "modality", "classes"), *bundled]))
+    else:
+        lines.append("  none: this installation ships no bundled weights; load a bundle folder of your own")
+    return "\n".join(lines)
+
+
+def _bundled_rows() -> list[tuple[str, str, str, str]]:
+    """One row per bundled bundle, read from its card (an unreadable card is shown with the reason)."""
+    from napari_mamba_seg.bundles import list_bundled, read_card
+
+    rows = []
+    for name in list_bundled():
+        try:
+            card = read_card(name)
+        except ValueError as error:
+            rows.append((name, "unreadable", str(error), ""))
+            continue
+        rows.append((name, card.architecture, card.modality or "-", ", ".join(card.class_names)))
+    return rows
+
+
+def run_models(args: argparse.Namespace) -> int:
+    """Print the registered architectures and the bundled bundles (imports torch; builds no model)."""
+    from napari_mamba_seg.models import get_model_entry, list_models
+
+    entries = [get_model_entry(name) for name in list_models(include_test=args.include_test)]
+    architectures = [(entry.name, f"{entry.spatial_dims}D", entry.description) for entry in entries]
+    print(format_models_listing(architectures, _bundled_rows()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``napari-mamba-seg`` argument parser with one sub-parser per subcommand."""
     parser = argparse.ArgumentParser(
@@ -94,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     backends.set_defaults(handler=run_backends)
+
+    models = subcommands.add_parser(
+        "models",
+        help="list the registered architectures and the bundled model bundles",
+        description=(
+            "Print the registered segmentation architectures (name, 2D/3D, description) and the model bundles "
+            "shipped with this installation (name, architecture, expected modality, classes)."
+        ),
+    )
+    models.add_argument(
+        "--include-test", action="store_true", help="also list the tiny test_ variants used by the test suite"
+    )
+    models.set_defaults(handler=run_models)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""The ``napari-mamba-seg`` console script: help, ``backends`` and ``demo``."""
+"""The ``napari-mamba-seg`` console script: help, ``backends``, ``models`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -29,9 +29,9 @@ def test_help_lists_every_subcommand() -> None:
     result = _run("--help")
     assert result.returncode == 0, result.stderr
     assert "usage: napari-mamba-seg" in result.stdout
-    for subcommand in ("demo", "backends"):
+    for subcommand in ("demo", "backends", "models"):
         assert subcommand in result.stdout
-    for subcommand in ("demo", "backends"):
+    for subcommand in ("demo", "backends", "models"):
         sub = _run(subcommand, "--help")
         assert sub.returncode == 0, sub.stderr
         assert f"usage: napari-mamba-seg {subcommand}" in sub.stdout
@@ -90,6 +90,47 @@ def test_backends_on_this_machine() -> None:
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:] if line.strip()}
     assert lines.get("reference") == "available", result.stdout
+
+
+def test_models_lists_architectures_and_bundled_bundles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from napari_mamba_seg import bundles
+    from napari_mamba_seg.models import create_model, get_model_entry, list_models
+
+    name = list_models("test_", include_test=True)[0]
+    card = bundles.ModelCard(modality="breast DCE-MRI", class_names=["background", "lesion"])
+    bundles.save_bundle(create_model(name, num_classes=2), tmp_path / "breast_demo", card)
+    monkeypatch.setattr(bundles, "_bundled_root", lambda: tmp_path)
+
+    assert cli.main(["models", "--include-test"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
+    for architecture in list_models(include_test=True):
+        assert rows[architecture][1] == f"{get_model_entry(architecture).spatial_dims}D", out
+    assert rows["breast_demo"][1:4] == [name, "breast", "DCE-MRI"], out
+    assert out.rstrip().endswith("background, lesion")
+
+
+def test_models_on_this_machine() -> None:
+    """The console script lists the full-size architectures (not the test_ variants) and the bundled bundles."""
+    from napari_mamba_seg.bundles import list_bundled
+    from napari_mamba_seg.models import list_models
+
+    result = _run("models")
+    assert result.returncode == 0, result.stderr
+    first_words = [line.split()[0] for line in result.stdout.splitlines() if line.strip()]
+    assert set(list_models()) <= set(first_words), result.stdout
+    assert not any(word.startswith("test_") for word in first_words), result.stdout
+    if list_bundled():
+        assert set(list_bundled()) <= set(first_words), result.stdout
+    else:
+        assert "ships no bundled weights" in result.stdout
+
+
+def test_format_table_pads_all_but_the_last_column() -> None:
+    table = cli.format_table([("name", "dims", "description"), ("vm_unet", "2D", "VM-UNet")]).splitlines()
+    assert table == ["name     dims  description", "vm_unet  2D    VM-UNet"]
 
 
 @pytest.mark.gui

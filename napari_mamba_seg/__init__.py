@@ -21,12 +21,28 @@ __version__ = "0.1.0.dev0"
 _LAZY_API: dict[str, str] = {
     "selective_scan": "napari_mamba_seg.kernels",
     "available_backends": "napari_mamba_seg.kernels",
+    "create_model": "napari_mamba_seg.models",
+    "list_models": "napari_mamba_seg.models",
+    "save_bundle": "napari_mamba_seg.bundles",
+    "load_bundle": "napari_mamba_seg.bundles",
+    "list_bundled": "napari_mamba_seg.bundles",
 }
 
-__all__ = ["__version__", "available_backends", "selective_scan"]  # = __version__ + _LAZY_API
+__all__ = [  # = __version__ + _LAZY_API
+    "__version__",
+    "available_backends",
+    "create_model",
+    "list_bundled",
+    "list_models",
+    "load_bundle",
+    "save_bundle",
+    "selective_scan",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from napari_mamba_seg.bundles import list_bundled, load_bundle, save_bundle
     from napari_mamba_seg.kernels import available_backends, selective_scan
+    from napari_mamba_seg.models import create_model, list_models
 
 
 def __getattr__(name: str) -> Any:

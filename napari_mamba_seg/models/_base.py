@@ -31,7 +31,9 @@ class SegmentationModel(nn.Module):
     """Base of every architecture: ``forward(x)`` checks ``x``, pads it, runs :meth:`forward_features`, crops back.
 
     Subclasses set ``spatial_dims`` (2 or 3), compute ``size_divisor`` (the product of their down-sampling
-    factors) in ``__init__``, and implement :meth:`forward_features` on padded inputs.
+    factors) in ``__init__``, and implement :meth:`forward_features` on padded inputs. Inputs are zero-padded at the
+    end of each axis to a multiple of the divisor, and to at least two divisors along the last axis when they would
+    otherwise leave a single pixel in the deepest feature map.
 
     Input: ``(batch, in_channels, H, W)`` (2D) or ``(batch, in_channels, D, H, W)`` (3D), any spatial size,
     float. Output: logits ``(batch, num_classes, *spatial)`` of the same spatial size.
@@ -103,6 +105,9 @@ class SegmentationModel(nn.Module):
         self.check_input(x)
         spatial = x.shape[2:]
         padded = [math.ceil(s / d) * d for s, d in zip(spatial, self.size_divisor, strict=True)]
+        if padded == list(self.size_divisor):
+            # the deepest feature map would be a single pixel/voxel, which instance norm cannot normalise
+            padded[-1] += self.size_divisor[-1]
         if list(spatial) != padded:
             pad = []
             for s, p in zip(reversed(spatial), reversed(padded), strict=True):

@@ -45,7 +45,6 @@ from torch import nn
 
 from napari_mamba_seg.models._base import ModelConfig, SegmentationModel
 from napari_mamba_seg.models._registry import PaperFigures, register_model
-from napari_mamba_seg.models.layers.min_size import with_deepest_map_of_two
 from napari_mamba_seg.models.layers.tri_mamba import TriOrientedMamba
 
 __all__ = [
@@ -229,9 +228,6 @@ class SegMamba(SegmentationModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(b, num_classes, *S)`` for ``x`` ``(b, in_channels, *S)``, S a multiple of ``2 ** len(dims)``."""
-        return with_deepest_map_of_two(self._logits, x, self.size_divisor)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x)
         if self.config.uncertainty_estimation:
             features = [uncertainty_enhance(f) for f in features]

@@ -38,7 +38,6 @@ from torch import nn
 from napari_mamba_seg.models._base import ModelConfig, SegmentationModel
 from napari_mamba_seg.models._registry import PaperFigures, register_model
 from napari_mamba_seg.models.layers.mamba import Mamba
-from napari_mamba_seg.models.layers.min_size import with_deepest_map_of_two
 
 __all__ = ["ResidualBlock", "TokenMambaLayer", "UMamba", "UMamba3D", "UMambaConfig"]
 
@@ -249,9 +248,6 @@ class UMamba(SegmentationModel):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(b, num_classes, *S)`` for ``x`` ``(b, in_channels, *S)`` with S a multiple of the divisor."""
-        return with_deepest_map_of_two(self._logits, x, self.size_divisor)
-
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         skips = self.encode(x)
         x = skips[-1]
         for upsample, stage, skip in zip(self.upsamples, self.decoder_stages, reversed(skips[:-1]), strict=True):

@@ -40,6 +40,20 @@ def test_forward_shape_on_odd_sizes(name):
 
 
 @pytest.mark.parametrize("name", TEST_MODELS)
+def test_inputs_smaller_than_the_size_divisor(name):
+    """A tiny crop (smaller than the network's total down-sampling) still segments, in train mode too (instance
+    and batch norm need more than one value in the deepest feature map)."""
+    torch.manual_seed(0)
+    shape = (2, 1, 5, 7) if get_model_entry(name).spatial_dims == 2 else (2, 1, 3, 5, 4)
+    model = create_model(name)
+    for mode in (model.eval, model.train):
+        mode()
+        with torch.no_grad():
+            out = model(torch.randn(shape))
+        assert out.shape == (2, 2, *shape[2:]) and torch.isfinite(out).all(), name
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
 def test_every_parameter_gets_a_finite_gradient(name):
     torch.manual_seed(0)
     shape = _shapes(name)[-1]

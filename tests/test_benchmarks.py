@@ -1,0 +1,67 @@
+"""benchmarks/models.py on tiny ``test_`` models: parameter count, scan FLOPs counted, table printed.
+
+No wall-clock assertions: latencies are only checked to be positive.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from napari_mamba_seg.models import create_model
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def models_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmarks_models", BENCHMARKS / "models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_row_of_a_tiny_model(models_benchmark) -> None:
+    row = models_benchmark.measure_model("test_unet", size=32, repeats=1)
+    model = create_model("test_unet")
+    assert row["params"] == sum(p.numel() for p in model.parameters())
+    assert row["dims"] == 2
+    assert row["latency_shape"] == (32, 32)
+    assert row["gmacs"] > 0
+    assert row["latency_s"] > 0
+    assert row["peak_mib"] > 0
+
+
+def test_gmacs_include_the_selective_scan(models_benchmark) -> None:
+    model = create_model("test_vm_unet")
+    with_scan = models_benchmark.count_gmacs(model, (32, 32))
+    without_scan = models_benchmark.count_gmacs(model, (32, 32), include_scan=False)
+    assert with_scan > without_scan > 0
+    # a model without a scan counts the same either way
+    unet = create_model("test_unet")
+    assert models_benchmark.count_gmacs(unet, (32, 32)) == models_benchmark.count_gmacs(
+        unet, (32, 32), include_scan=False
+    )
+
+
+def test_table_prints(models_benchmark, restore_threads, capsys) -> None:
+    argv = ["--models", "test_unet", "test_unet_3d", "--size", "32", "--size-3d", "32"]
+    rows = models_benchmark.main([*argv, "--latency-size-3d", "16", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert len(rows) == 2
+    assert "| architecture | dims | params (M) |" in out
+    assert "| test_unet | 2D |" in out
+    assert "| test_unet_3d | 3D |" in out
+    assert "n/a (3D)" in out
+    assert "scan backend" in out
+    assert "16×16×16" in out

@@ -29,6 +29,7 @@ from torch import nn
 
 from napari_mamba_seg.models._base import ModelConfig, SegmentationModel
 from napari_mamba_seg.models._registry import PaperFigures, register_model
+from napari_mamba_seg.models.layers.init import init_transformer_weights
 from napari_mamba_seg.models.layers.mlla import ConvLayer, MLLABlock, PatchExpanding, PatchMerging
 
 __all__ = ["MLLAUNet", "MLLAUNetConfig"]
@@ -166,7 +167,7 @@ class MLLAUNet(SegmentationModel):
         self.norm_up = nn.LayerNorm(dims[0])
         self.final_expanding = FinalExpanding(dims[0])
         self.head = nn.Conv2d(dims[0] // 2, config.num_classes, 1)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for ``x`` ``(b, in_channels, H, W)``, H and W multiples of ``size_divisor``:
@@ -183,17 +184,6 @@ class MLLAUNet(SegmentationModel):
             x = self.skip_proj[i](torch.cat([self.expanding[i](x), skips[i]], dim=-1))
             x = self.decoder[i](x)
         return self.head(self.final_expanding(self.norm_up(x)))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """MLLA's initialisation: truncated-normal (std 0.02) linear weights, zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 @register_model(

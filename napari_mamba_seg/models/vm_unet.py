@@ -22,6 +22,7 @@ from torch import nn
 
 from napari_mamba_seg.models._base import ModelConfig, SegmentationModel
 from napari_mamba_seg.models._registry import PaperFigures, register_model
+from napari_mamba_seg.models.layers.init import init_transformer_weights
 from napari_mamba_seg.models.layers.ss2d import VSSBlock
 
 __all__ = [
@@ -229,7 +230,7 @@ class VMUNet(SegmentationModel):
         self.layers_up = self._build_decoder()
         self.final_up = FinalPatchExpand2D(config.dims[0], scale=config.patch_size)
         self.final_conv = nn.Conv2d(config.dims[0] // config.patch_size, config.num_classes, kernel_size=1)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def _build_encoder(self) -> nn.ModuleList:
         """Encoder stages ``layers``: blocks at ``dims[i]``, then patch merging (all but the deepest)."""
@@ -285,17 +286,6 @@ class VMUNet(SegmentationModel):
         x, skips = self.encode(x)
         x = self.final_up(self.decode(x, skips))
         return self.final_conv(x.permute(0, 3, 1, 2))
-
-
-def _init_weights(module: nn.Module) -> None:
-    """The public code's initialisation: truncated-normal linear weights (std 0.02), zero biases, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")

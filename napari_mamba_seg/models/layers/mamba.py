@@ -14,7 +14,7 @@ from torch import nn
 
 from napari_mamba_seg.kernels import selective_scan
 
-__all__ = ["Mamba", "init_A_log", "init_dt_bias"]
+__all__ = ["Mamba", "init_A_log", "init_direction_params", "init_dt_bias", "resolve_dt_rank", "scan_directions"]
 
 
 def init_A_log(channels: int, d_state: int, copies: int = 1) -> torch.Tensor:
@@ -28,6 +28,74 @@ def init_dt_bias(channels: int, dt_min: float = 0.001, dt_max: float = 0.1, dt_f
     dt = torch.exp(torch.rand(channels) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=dt_floor)
     return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+def resolve_dt_rank(d_model: int, dt_rank: int | str) -> int:
+    """The dt projection rank: ``ceil(d_model / 16)`` for ``"auto"`` (mamba_ssm's default), else ``dt_rank``."""
+    return math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+
+
+def init_direction_params(
+    directions: int, d_inner: int, dt_rank: int, d_state: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Initial S6 parameters of ``directions`` scan orders stacked along the first axis (SS2D, tri-orientated Mamba).
+
+    Returns:
+        ``x_proj_weight`` ``(k, dt_rank + 2N, d_inner)`` (nn.Linear's default range), ``dt_proj_weight``
+        ``(k, d_inner, dt_rank)``, ``dt_bias`` ``(k, d_inner)``, ``A_log`` ``(k * d_inner, N)`` and ``D``
+        ``(k * d_inner,)``.
+    """
+    k = directions
+    x_proj_weight = torch.empty(k, dt_rank + 2 * d_state, d_inner).uniform_(-(d_inner**-0.5), d_inner**-0.5)
+    dt_proj_weight = torch.empty(k, d_inner, dt_rank).uniform_(-(dt_rank**-0.5), dt_rank**-0.5)
+    dt_bias = torch.stack([init_dt_bias(d_inner) for _ in range(k)])
+    return x_proj_weight, dt_proj_weight, dt_bias, init_A_log(d_inner, d_state, copies=k), torch.ones(k * d_inner)
+
+
+def scan_directions(
+    xs: torch.Tensor,
+    x_proj_weight: torch.Tensor,
+    dt_proj_weight: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+    backend: str,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Selective scan of ``k`` sequence orders, each with its own parameters, in one grouped kernel call.
+
+    Args:
+        xs: ``(b, k, d_inner, L)``, the k orders of the same tokens.
+        x_proj_weight: ``(k, dt_rank + 2N, d_inner)``.
+        dt_proj_weight: ``(k, d_inner, dt_rank)``.
+        dt_bias: ``(k, d_inner)``.
+        A_log: ``(k * d_inner, N)``.
+        D: ``(k * d_inner,)``.
+        backend: Selective-scan backend.
+        dtype: Cast the scan inputs to this dtype first (None: keep them as computed).
+
+    Returns:
+        ``(b, k * d_inner, L)``; B/C are grouped ``(b, k, N, L)``, one group per order.
+    """
+    d_state = A_log.shape[1]
+    x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, x_proj_weight)
+    dt, B, C = torch.split(x_dbl, [dt_proj_weight.shape[-1], d_state, d_state], dim=2)
+    dt = torch.einsum("bkrl,kdr->bkdl", dt, dt_proj_weight)
+
+    def prepare(t: torch.Tensor) -> torch.Tensor:
+        return (t if dtype is None else t.to(dtype)).contiguous()
+
+    return selective_scan(
+        prepare(xs.flatten(1, 2)),
+        prepare(dt.flatten(1, 2)),
+        -torch.exp(A_log.float()),
+        prepare(B),
+        prepare(C),
+        D.float(),
+        delta_bias=dt_bias.float().flatten(),
+        delta_softplus=True,
+        backend=backend,
+    )
 
 
 class Mamba(nn.Module):
@@ -62,7 +130,7 @@ class Mamba(nn.Module):
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_rank = resolve_dt_rank(d_model, dt_rank)
         self.scan_backend = scan_backend
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(

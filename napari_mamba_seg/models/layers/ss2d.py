@@ -7,14 +7,11 @@ selective-scan parameters in one kernel call (``groups = 4``: dim = 4 x d_inner,
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_mamba_seg.kernels import selective_scan
-from napari_mamba_seg.models.layers.mamba import init_A_log, init_dt_bias
+from napari_mamba_seg.models.layers.mamba import init_direction_params, resolve_dt_rank, scan_directions
 
 __all__ = ["SS2D", "VSSBlock", "cross_merge", "cross_scan"]
 
@@ -68,18 +65,14 @@ class SS2D(nn.Module):
         self.d_model = d_model
         self.d_state = d_state
         self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_rank = resolve_dt_rank(d_model, dt_rank)
         self.scan_backend = scan_backend
-        k, d_inner, rank = _DIRECTIONS, self.d_inner, self.dt_rank
+        d_inner = self.d_inner
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner, bias=True)
-        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
-        nn.init.uniform_(self.x_proj_weight, -(d_inner**-0.5), d_inner**-0.5)  # nn.Linear's default range
-        self.dt_projs_weight = nn.Parameter(torch.empty(k, d_inner, rank).uniform_(-(rank**-0.5), rank**-0.5))
-        self.dt_projs_bias = nn.Parameter(torch.stack([init_dt_bias(d_inner) for _ in range(k)]))
-        self.A_logs = nn.Parameter(init_A_log(d_inner, d_state, copies=k))  # (k * d_inner, N)
-        self.Ds = nn.Parameter(torch.ones(k * d_inner))
+        params = init_direction_params(_DIRECTIONS, d_inner, self.dt_rank, d_state)
+        self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds = map(nn.Parameter, params)
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -96,20 +89,15 @@ class SS2D(nn.Module):
         """The 4-direction selective scan of ``x`` ``(b, d_inner, H, W)``; returns ``(b, d_inner, H, W)``."""
         b, d_inner, h, w = x.shape
         length = h * w
-        xs = cross_scan(x)  # (b, 4, d_inner, L)
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
-        dts, Bs, Cs = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        y = selective_scan(
-            xs.reshape(b, -1, length).float(),
-            dts.reshape(b, -1, length).float().contiguous(),
-            -torch.exp(self.A_logs.float()),
-            Bs.float().contiguous(),
-            Cs.float().contiguous(),
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.float().reshape(-1),
-            delta_softplus=True,
+        y = scan_directions(
+            cross_scan(x),  # (b, 4, d_inner, L)
+            self.x_proj_weight,
+            self.dt_projs_weight,
+            self.dt_projs_bias,
+            self.A_logs,
+            self.Ds,
             backend=self.scan_backend,
+            dtype=torch.float32,
         )
         return cross_merge(y.reshape(b, _DIRECTIONS, d_inner, length), h, w).to(x.dtype)
 

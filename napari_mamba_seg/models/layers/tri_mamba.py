@@ -16,14 +16,11 @@ map to rows 0/1/2 of ``conv1d_weight``, ``x_proj_weight``, ...).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from napari_mamba_seg.kernels import selective_scan
-from napari_mamba_seg.models.layers.mamba import init_A_log, init_dt_bias
+from napari_mamba_seg.models.layers.mamba import init_direction_params, resolve_dt_rank, scan_directions
 
 __all__ = ["DIRECTIONS", "TriOrientedMamba", "inter_slice_order", "inter_slice_restore", "orient", "restore"]
 
@@ -86,7 +83,7 @@ class TriOrientedMamba(nn.Module):
         k = len(DIRECTIONS)
         self.d_model, self.d_state, self.d_conv = d_model, d_state, d_conv
         self.d_inner = d_inner = int(expand * d_model)
-        self.dt_rank = rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_rank = resolve_dt_rank(d_model, dt_rank)
         self.scan_backend = scan_backend
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=False)
         # Per direction, stacked along the first axis in the order of DIRECTIONS.
@@ -95,12 +92,8 @@ class TriOrientedMamba(nn.Module):
         bound = d_conv**-0.5  # nn.Conv1d's default range for a depthwise kernel
         nn.init.uniform_(self.conv1d_weight, -bound, bound)
         nn.init.uniform_(self.conv1d_bias, -bound, bound)
-        self.x_proj_weight = nn.Parameter(torch.empty(k, rank + 2 * d_state, d_inner))
-        nn.init.uniform_(self.x_proj_weight, -(d_inner**-0.5), d_inner**-0.5)  # nn.Linear's default range
-        self.dt_proj_weight = nn.Parameter(torch.empty(k, d_inner, rank).uniform_(-(rank**-0.5), rank**-0.5))
-        self.dt_proj_bias = nn.Parameter(torch.stack([init_dt_bias(d_inner) for _ in range(k)]))
-        self.A_log = nn.Parameter(init_A_log(d_inner, d_state, copies=k))  # (k * d_inner, N)
-        self.D = nn.Parameter(torch.ones(k * d_inner))
+        params = init_direction_params(k, d_inner, self.dt_rank, d_state)
+        self.x_proj_weight, self.dt_proj_weight, self.dt_proj_bias, self.A_log, self.D = map(nn.Parameter, params)
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, slices: int) -> torch.Tensor:
@@ -116,18 +109,13 @@ class TriOrientedMamba(nn.Module):
         xs = torch.cat([orient(x, d, slices) for d in DIRECTIONS], dim=1)  # (b, 3 * d_inner, L)
         u = F.conv1d(xs, self.conv1d_weight, self.conv1d_bias, padding=self.d_conv - 1, groups=xs.shape[1])
         u = F.silu(u[..., :length])  # causal in each direction's order
-        x_dbl = torch.einsum("bkdl,kcd->bkcl", u.unflatten(1, (len(DIRECTIONS), -1)), self.x_proj_weight)
-        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=2)
-        dt = torch.einsum("bkrl,kdr->bkdl", dt, self.dt_proj_weight)
-        y = selective_scan(
-            u.contiguous(),
-            dt.flatten(1, 2).contiguous(),
-            -torch.exp(self.A_log.float()),
-            B.contiguous(),
-            C.contiguous(),
-            self.D.float(),
-            delta_bias=self.dt_proj_bias.float().flatten(),
-            delta_softplus=True,
+        y = scan_directions(
+            u.unflatten(1, (len(DIRECTIONS), -1)),
+            self.x_proj_weight,
+            self.dt_proj_weight,
+            self.dt_proj_bias,
+            self.A_log,
+            self.D,
             backend=self.scan_backend,
         )  # (b, 3 * d_inner, L)
         ys = y.unflatten(1, (len(DIRECTIONS), self.d_inner)).unbind(1)

@@ -53,9 +53,11 @@ __all__ = [
     "file_sha256",
     "import_checkpoint",
     "list_bundled",
+    "list_user_bundles",
     "load_bundle",
     "read_card",
     "save_bundle",
+    "user_bundle_root",
 ]
 
 FORMAT_VERSION = 1
@@ -100,7 +102,10 @@ class ModelCard:
         modality: The expected images, e.g. ``"breast DCE-MRI, fat-suppressed T1"``.
         normalization: How the input is normalised, e.g. ``{"method": "percentile", "lower": 0.5, "upper": 99.5}``.
         patch_size: Training patch (window) size in voxels, model axis order: 2 values (2D) or 3 (3D); or None.
-        spacing: Voxel spacing in mm the model was trained at (``(z, y, x)`` for volumes); or None.
+        spacing: Voxel spacing in mm the model was trained at (``(z, y, x)`` for volumes, ``(y, x)`` in-plane for
+            2D models); or None.
+        resample: Whether the predictor resamples an image to ``spacing`` before predicting (and the result back to
+            the image's grid); needs ``spacing``.
         training_data: Data set, number of cases, annotation protocol.
         metrics: Validation metrics, e.g. ``{"dice_lesion": 0.81}``.
         parent_bundle: For a fine-tuned model, the bundle it was fine-tuned from (bundled name or folder).
@@ -123,6 +128,7 @@ class ModelCard:
     normalization: dict[str, Any] = field(default_factory=dict)
     patch_size: list[int] | None = None
     spacing: list[float] | None = None
+    resample: bool = False
     training_data: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     parent_bundle: str | None = None
@@ -148,6 +154,25 @@ class ModelCard:
             raise ValueError(f"patch_size must be 2 or 3 positive sizes, got {self.patch_size}")
         if self.spacing is not None and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
             raise ValueError(f"spacing must be 2 or 3 positive values in mm, got {self.spacing}")
+        if self.resample and self.spacing is None:
+            raise ValueError("resample=True needs the spacing to resample to; set spacing or resample=False")
+
+    def summary(self) -> str:
+        """One line for listings: architecture, input channels → classes, modality, spacing, fine-tuned-from.
+
+        Example: ``vm_unet | 3 ch (pre, early, late) -> background, breast, lesion | breast DCE-MRI | 2×0.7×0.7 mm``.
+        """
+        channels = f"{self.in_channels} ch" if self.in_channels is not None else "? ch"
+        if self.channel_names:
+            channels += f" ({', '.join(self.channel_names)})"
+        parts = [self.architecture or "?", f"{channels} -> {', '.join(self.class_names) or '?'}"]
+        if self.modality:
+            parts.append(self.modality)
+        if self.spacing:
+            parts.append("×".join(f"{s:g}" for s in self.spacing) + " mm" + (" (resampled)" if self.resample else ""))
+        if self.parent_bundle:
+            parts.append(f"fine-tuned from {Path(self.parent_bundle).name}")
+        return " | ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         """The card as a JSON-ready dict."""
@@ -469,7 +494,33 @@ def read_card(source: str | os.PathLike[str]) -> ModelCard:
 
 def list_bundled() -> list[str]:
     """Names of the bundles shipped with the package (folders of ``napari_mamba_seg/weights``), sorted."""
-    root = _bundled_root()
+    return _bundle_names_in(_bundled_root())
+
+
+USER_BUNDLES_ENV = "NAPARI_MAMBA_SEG_MODELS"
+"""Environment variable naming the folder of the user's own bundles (overrides :func:`user_bundle_root`)."""
+
+
+def user_bundle_root() -> Path:
+    """The folder of the user's own bundles, loadable by name like bundled ones (it may not exist yet).
+
+    ``$NAPARI_MAMBA_SEG_MODELS`` when set, else the platform's user data folder, e.g.
+    ``~/.local/share/napari-mamba-seg/models`` on Linux. Fine-tuned models are saved here by default.
+    """
+    override = os.environ.get(USER_BUNDLES_ENV)
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return platformdirs.user_data_path("napari-mamba-seg") / "models"
+
+
+def list_user_bundles() -> list[str]:
+    """Names of the bundles in :func:`user_bundle_root` (sub-folders with a ``card.json``), sorted."""
+    return _bundle_names_in(user_bundle_root())
+
+
+def _bundle_names_in(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(
@@ -499,7 +550,7 @@ def _is_bundled_folder(folder: Path) -> bool:
 
 
 def _resolve_folder(source: str | os.PathLike[str]) -> Path:
-    """The bundle folder ``source`` names: a folder, a file in one, or a bundled name."""
+    """The bundle folder ``source`` names: a folder, a file in one, a bundled name, or a user bundle's name."""
     path = Path(source)
     if path.is_file():
         if path.name in (WEIGHTS_FILE, CARD_FILE):
@@ -514,13 +565,16 @@ def _resolve_folder(source: str | os.PathLike[str]) -> Path:
         return path
     name = os.fspath(source)
     if name and not any(sep in name for sep in ("/", "\\", os.sep)) and not name.startswith("."):
-        bundled = _bundled_root() / name
-        if (bundled / CARD_FILE).is_file():
-            return bundled
+        for root in (_bundled_root(), user_bundle_root()):
+            if (root / name / CARD_FILE).is_file():
+                return root / name
     names = list_bundled()
     available = ", ".join(names) if names else "none (this installation ships no bundled weights)"
+    user_names = list_user_bundles()
+    user = ", ".join(user_names) if user_names else "none"
     raise BundleNotFoundError(
-        f"No model bundle {name!r}: no such folder, and no bundled bundle of that name. Bundled bundles: {available}."
+        f"No model bundle {name!r}: no such folder, and no bundled or user bundle of that name. "
+        f"Bundled bundles: {available}. User bundles (in {user_bundle_root()}): {user}."
     )
 
 

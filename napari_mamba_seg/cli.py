@@ -3,7 +3,8 @@
 Subcommands:
     demo      open napari with the plugin's widgets docked
     backends  print which selective-scan backends this machine can run
-    models    list the registered architectures and the bundled model bundles
+    models    list the registered architectures, the bundled and the user's model bundles
+    predict   segment NIfTI/TIFF files and DICOM folders with a model bundle
 
 Heavy imports (torch, napari, Qt) happen inside the subcommands, so ``--help`` is instant.
 """
@@ -12,9 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from napari_mamba_seg import __version__
+
+if TYPE_CHECKING:
+    from napari_mamba_seg.inference.files import FileJob
 
 PLUGIN_NAME = "napari-mamba-seg"
 
@@ -76,46 +82,140 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def format_models_listing(architectures: Sequence[Sequence[str]], bundled: Sequence[Sequence[str]]) -> str:
+def format_models_listing(
+    architectures: Sequence[Sequence[str]],
+    bundled: Sequence[Sequence[str]],
+    user: Sequence[Sequence[str]] = (),
+    user_root: str = "",
+) -> str:
     """The text ``napari-mamba-seg models`` prints.
 
     Args:
         architectures: ``(name, "2D" or "3D", description)`` per registered architecture.
-        bundled: ``(name, architecture, modality, class names)`` per bundled bundle.
+        bundled: ``(name, one-line card summary)`` per bundled bundle.
+        user: ``(name, one-line card summary)`` per bundle in the user's bundle folder.
+        user_root: That folder, shown in the heading.
     """
     lines = ["Architectures (napari_mamba_seg.models.create_model):"]
     lines.append(format_table([("name", "dims", "description"), *architectures]) if architectures else "  none")
-    lines += ["", "Bundled model bundles (napari_mamba_seg.bundles.load_bundle by name):"]
+    lines += ["", "Bundled model bundles (use the name with --model or load_bundle):"]
     if bundled:
-        lines.append(format_table([("name", "architecture", "modality", "classes"), *bundled]))
+        lines.append(format_table([("name", "summary"), *bundled]))
     else:
         lines.append("  none: this installation ships no bundled weights; load a bundle folder of your own")
+    lines += ["", f"Your model bundles (in {user_root}; use the name with --model or load_bundle):"]
+    lines.append(format_table([("name", "summary"), *user]) if user else "  none")
     return "\n".join(lines)
 
 
-def _bundled_rows() -> list[tuple[str, str, str, str]]:
-    """One row per bundled bundle, read from its card (an unreadable card is shown with the reason)."""
-    from napari_mamba_seg.bundles import list_bundled, read_card
+def _bundle_rows(names: Sequence[str]) -> list[tuple[str, str]]:
+    """One ``(name, card summary)`` row per bundle name (an unreadable card is shown with the reason)."""
+    from napari_mamba_seg.bundles import read_card
 
     rows = []
-    for name in list_bundled():
+    for name in names:
         try:
-            card = read_card(name)
+            rows.append((name, read_card(name).summary()))
         except ValueError as error:
-            rows.append((name, "unreadable", str(error), ""))
-            continue
-        rows.append((name, card.architecture, card.modality or "-", ", ".join(card.class_names)))
+            rows.append((name, f"unreadable: {error}"))
     return rows
 
 
 def run_models(args: argparse.Namespace) -> int:
-    """Print the registered architectures and the bundled bundles (imports torch; builds no model)."""
+    """Print the registered architectures, the bundled bundles and the user's bundles (imports torch)."""
+    from napari_mamba_seg.bundles import list_bundled, list_user_bundles, user_bundle_root
     from napari_mamba_seg.models import get_model_entry, list_models
 
     entries = [get_model_entry(name) for name in list_models(include_test=args.include_test)]
     architectures = [(entry.name, f"{entry.spatial_dims}D", entry.description) for entry in entries]
-    print(format_models_listing(architectures, _bundled_rows()))
+    bundled = _bundle_rows(list_bundled())
+    user = _bundle_rows(list_user_bundles())
+    print(format_models_listing(architectures, bundled, user, str(user_bundle_root())))
     return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """Segment every input with one model bundle; one line per result or error, never a traceback for user errors.
+
+    Returns:
+        0 when every input was segmented, 1 when some failed, 2 when nothing could start (bad model, no inputs),
+        130 when interrupted (the file being segmented is not written).
+    """
+    from napari_mamba_seg.inference.files import USER_ERRORS, plan_jobs, predict_job
+
+    try:
+        predictor, jobs, unusable = _predictor_and_jobs(args, plan_jobs)
+    except USER_ERRORS as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    for source, reason in unusable:
+        print(f"error: {source}: {_one_line(reason)}", file=sys.stderr)
+    if not jobs:
+        return 2
+    failures = len(unusable)
+    for job in jobs:
+        try:
+            written = _run_job(predictor, job, args, predict_job)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {job.source} was not written", file=sys.stderr)
+            return 130
+        except USER_ERRORS as error:
+            failures += 1
+            print(f"error: {job.source}: {_one_line(error)}", file=sys.stderr)
+            continue
+        except Exception as error:
+            if args.debug:
+                raise
+            failures += 1
+            print(
+                f"error: {job.source}: unexpected {type(error).__name__}: {_one_line(error)} "
+                "(a bug: please report it; --debug shows the traceback)",
+                file=sys.stderr,
+            )
+            continue
+        print(" ".join(["wrote", *(str(path) for path in written)]))
+    return 1 if failures else 0
+
+
+def _predictor_and_jobs(
+    args: argparse.Namespace, plan_jobs: Callable
+) -> tuple[Any, list[FileJob], list[tuple[Path, str]]]:
+    from napari_mamba_seg.inference import PredictionSettings, Predictor
+
+    settings = PredictionSettings(
+        device=args.device,
+        axis=args.axis,
+        tta=args.tta,
+        return_probabilities=args.save_probs,
+        batch_size=args.batch_size,
+        memory_budget_mb=args.memory_budget,
+    )
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    jobs, unusable = plan_jobs(args.inputs, args.output, save_probabilities=args.save_probs)
+    predictor = Predictor.from_bundle(args.model, settings) if jobs else None
+    return predictor, jobs, unusable
+
+
+def _run_job(predictor: Any, job: FileJob, args: argparse.Namespace, predict_job: Callable) -> list[Path]:
+    """Predict one job with a progress bar on stderr (unless --quiet); returns the written files."""
+    if args.quiet:
+        return predict_job(predictor, job, series_uid=args.series, overwrite=args.overwrite)
+    from tqdm import tqdm
+
+    with tqdm(total=1, desc=job.source.name, unit="step", file=sys.stderr, leave=False) as bar:
+
+        def show(progress: Any) -> None:
+            bar.total = progress.total
+            bar.set_postfix_str(progress.stage, refresh=False)
+            bar.n = progress.done
+            bar.refresh()
+
+        return predict_job(predictor, job, series_uid=args.series, overwrite=args.overwrite, progress=show)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +261,52 @@ def build_parser() -> argparse.ArgumentParser:
         "--include-test", action="store_true", help="also list the tiny test_ variants used by the test suite"
     )
     models.set_defaults(handler=run_models)
+    _add_predict_parser(subcommands)
     return parser
+
+
+def _slice_axis(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--axis must be 'auto' or an array axis (0, 1 or 2), got {text!r}") from None
+
+
+def _add_predict_parser(subcommands: argparse._SubParsersAction) -> None:
+    predict = subcommands.add_parser(
+        "predict",
+        help="segment image files or DICOM folders with a model bundle",
+        description=(
+            "Segment each INPUT (a NIfTI or TIFF file, a DICOM series folder, or a folder of such files) with a model "
+            "bundle and write <name>_labels in the input's format (NIfTI for DICOM input) and geometry into OUTDIR. "
+            "Existing files are never overwritten unless --overwrite is given. Exit status: 0 when every input was "
+            "segmented, 1 when some failed (one line each on stderr), 2 for a usage error, 130 when interrupted."
+        ),
+    )
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    predict.add_argument(
+        "--model", "-m", required=True, metavar="NAME_OR_FOLDER", help="a bundle name (see `models`) or folder"
+    )
+    predict.add_argument("--output", "-o", required=True, metavar="OUTDIR", help="folder for the results")
+    predict.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    predict.add_argument(
+        "--axis", type=_slice_axis, default="auto", help="slice axis for 2D models (default: the coarsest spacing)"
+    )
+    predict.add_argument("--tta", action="store_true", help="average over flipped copies (slower, smoother)")
+    predict.add_argument(
+        "--save-probs", action="store_true", help="also write <name>_probabilities (one channel per class, float32)"
+    )
+    predict.add_argument("--batch-size", type=int, default=None, help="slices or tiles per forward (default: auto)")
+    predict.add_argument(
+        "--memory-budget", type=float, default=None, metavar="MB", help="memory the model may use (default: auto)"
+    )
+    predict.add_argument("--series", default=None, metavar="UID", help="SeriesInstanceUID to read from DICOM folders")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    predict.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
+    predict.set_defaults(handler=run_predict)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,9 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # The user's own bundles (napari_mamba_seg.bundles.user_bundle_root) must not leak into the tests: point the
+    # folder at an empty place; tests that need user bundles monkeypatch it to a tmp_path.
+    os.environ["NAPARI_MAMBA_SEG_MODELS"] = str(Path(config.rootpath) / ".pytest-no-user-bundles")
     # Import triton before any test creates an OpenGL context: with Mesa, a first `import triton`
     # after that crashes the whole test process (see kernels/_triton_import.py;
     # tests/test_manifest.py::test_backends_widget_after_opengl_in_a_fresh_process covers the real order).

@@ -358,6 +358,30 @@ def test_unknown_name_without_bundled_bundles(tmp_path: Path, monkeypatch: pytes
         load_bundle("breast_v1")
 
 
+def test_user_bundles_load_by_name_after_bundled_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle saved in the user folder ($NAPARI_MAMBA_SEG_MODELS) loads by name; a bundled name wins a clash."""
+    bundled_root, user_root = tmp_path / "weights", tmp_path / "user"
+    monkeypatch.setattr(bundles, "_bundled_root", lambda: bundled_root)
+    monkeypatch.setenv(bundles.USER_BUNDLES_ENV, str(user_root))
+    monkeypatch.chdir(tmp_path)
+    assert bundles.user_bundle_root() == user_root
+    assert bundles.list_user_bundles() == []  # the folder does not exist yet
+
+    mine, shipped = _trained_like(SMALL), _trained_like(SMALL)
+    save_bundle(mine, user_root / "mine")
+    save_bundle(mine, user_root / "clash")
+    save_bundle(shipped, bundled_root / "clash")
+    assert bundles.list_user_bundles() == ["clash", "mine"]
+    x = _input(SMALL)
+    assert load_bundle("mine").folder == user_root / "mine"
+    assert torch.equal(_outputs(load_bundle("mine").model, x), _outputs(mine, x))
+    assert load_bundle("clash").folder == bundled_root / "clash"
+
+    with pytest.raises(BundleNotFoundError, match="User bundles") as info:
+        load_bundle("nothing")
+    assert "clash, mine" in str(info.value)
+
+
 def test_every_shipped_bundle_loads() -> None:
     """The package's own bundled bundles (none yet) load, hash-checked, under their listed names."""
     names = list_bundled()

@@ -29,9 +29,9 @@ def test_help_lists_every_subcommand() -> None:
     result = _run("--help")
     assert result.returncode == 0, result.stderr
     assert "usage: napari-mamba-seg" in result.stdout
-    for subcommand in ("demo", "backends", "models"):
+    for subcommand in ("demo", "backends", "models", "predict"):
         assert subcommand in result.stdout
-    for subcommand in ("demo", "backends", "models"):
+    for subcommand in ("demo", "backends", "models", "predict"):
         sub = _run(subcommand, "--help")
         assert sub.returncode == 0, sub.stderr
         assert f"usage: napari-mamba-seg {subcommand}" in sub.stdout
@@ -108,8 +108,9 @@ def test_models_lists_architectures_and_bundled_bundles(
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     for architecture in list_models(include_test=True):
         assert rows[architecture][1] == f"{get_model_entry(architecture).spatial_dims}D", out
-    assert rows["breast_demo"][1:4] == [name, "breast", "DCE-MRI"], out
-    assert out.rstrip().endswith("background, lesion")
+    line = next(line for line in out.splitlines() if line.startswith("breast_demo"))
+    assert line.split()[1] == name, out
+    assert line.endswith(f"{name} | 1 ch -> background, lesion | breast DCE-MRI"), out
 
 
 def test_models_on_this_machine() -> None:

@@ -149,7 +149,7 @@ def run_predict(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     for source, reason in unusable:
-        print(f"error: {source}: {_one_line(reason)}", file=sys.stderr)
+        print(_error_line(source, reason), file=sys.stderr)
     if not jobs:
         return 2
     failures = len(unusable)
@@ -161,7 +161,7 @@ def run_predict(args: argparse.Namespace) -> int:
             return 130
         except USER_ERRORS as error:
             failures += 1
-            print(f"error: {job.source}: {_one_line(error)}", file=sys.stderr)
+            print(_error_line(job.source, error), file=sys.stderr)
             continue
         except Exception as error:
             if args.debug:
@@ -204,17 +204,26 @@ def _run_job(predictor: Any, job: FileJob, args: argparse.Namespace, predict_job
     from tqdm import tqdm
 
     with tqdm(total=1, desc=job.source.name, unit="step", file=sys.stderr, leave=False) as bar:
+        stage = [""]
 
         def show(progress: Any) -> None:
-            bar.total = progress.total
-            bar.set_postfix_str(progress.stage, refresh=False)
+            if progress.stage != stage[0]:  # one bar per stage: normalising, resampling, predicting
+                stage[0] = progress.stage
+                bar.reset(total=progress.total)
+                bar.set_description(f"{job.source.name}: {progress.stage}", refresh=False)
             bar.n = progress.done
             bar.refresh()
 
         return predict_job(predictor, job, series_uid=args.series, overwrite=args.overwrite, progress=show)
 
 
-def _one_line(error: BaseException) -> str:
+def _error_line(source: Path, error: BaseException | str) -> str:
+    """``error: <source>: <message>`` on one line (the source once, even when the message names it)."""
+    message = _one_line(error)
+    return f"error: {message}" if str(source) in message else f"error: {source}: {message}"
+
+
+def _one_line(error: BaseException | str) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 

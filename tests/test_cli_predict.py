@@ -196,7 +196,7 @@ def test_user_errors_are_one_line_each_and_the_good_inputs_are_still_written(bun
     }
     assert "truncated" in by_input["truncated.nii.gz"] or "corrupt" in by_input["truncated.nii.gz"], errors
     assert "NaN" in by_input["with_nan.nii.gz"], errors
-    assert "T1" in by_input["two_phases.nii.gz"] and "2 channel" in by_input["two_phases.nii.gz"], errors
+    assert "T1" in by_input["two_phases.nii.gz"] and "has 2" in by_input["two_phases.nii.gz"], errors
     assert by_input["no_dicom_here"], errors
     assert sorted(path.name for path in out.iterdir()) == ["good_labels.nii.gz"]
 

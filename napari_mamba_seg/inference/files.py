@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from napari_mamba_seg.io import ImageReadError, discover_inputs, read_image, write_image, write_labels
+from napari_mamba_seg.io._image import matching_suffix
 
 __all__ = ["USER_ERRORS", "FileJob", "output_stem_and_suffix", "plan_jobs", "predict_job"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
 """Errors caused by the input, the model, the settings or the disk (ImageReadError, BundleNotFoundError,
 FileExistsError, PermissionError, PredictionCancelled's siblings...): reported in one line, never as a traceback."""
-
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 
 @dataclass(frozen=True)
@@ -48,12 +47,9 @@ def output_stem_and_suffix(source: Path) -> tuple[str, str]:
     NIfTI stays NIfTI (``.nii`` or ``.nii.gz`` as given), TIFF becomes ``.tif``, and a DICOM folder gives NIfTI
     (``.nii.gz``) named after the folder.
     """
-    name = source.name
-    lower = name.lower()
-    for suffix in _IMAGE_SUFFIXES:
-        if source.is_file() and lower.endswith(suffix):
-            out_suffix = suffix if suffix.startswith(".nii") else ".tif"
-            return name[: -len(suffix)], out_suffix
+    suffix = matching_suffix(source)
+    if suffix and source.is_file():
+        return source.name[: -len(suffix)], suffix.lower() if suffix.lower().startswith(".nii") else ".tif"
     if source.is_dir():
         return source.resolve().name, ".nii.gz"
     return source.stem, ".nii.gz"  # a DICOM file without a known suffix: read as its folder's series
@@ -138,13 +134,7 @@ def predict_job(
                 "--overwrite."
             )
     image = read_image(job.source, series_uid=series_uid)
-    try:
-        prediction = predictor.predict(image.array, image.geometry.spacing, progress=progress, cancel=cancel)
-    except ValueError as error:
-        raise ValueError(
-            f"{error} (image {image.source}: {image.num_channels} channel(s) {image.channel_names}, "
-            f"shape {image.spatial_shape})"
-        ) from error
+    prediction = predictor.predict(image.array, image.geometry.spacing, progress=progress, cancel=cancel)
     written = []
     if job.probabilities_path is not None and prediction.probabilities is not None:
         write_image(prediction.probabilities, job.probabilities_path, image, overwrite=overwrite)

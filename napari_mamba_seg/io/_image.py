@@ -23,9 +23,21 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageGeometry", "ImageReadError", "MedicalImage"]
+__all__ = ["IMAGE_SUFFIXES", "ImageGeometry", "ImageReadError", "MedicalImage", "matching_suffix"]
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".ome.tiff", ".ome.tif", ".tiff", ".tif")
+"""Suffixes of the image files the readers take, longest first (so ``.nii.gz`` wins over ``.gz``)."""
 
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+def matching_suffix(path: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> str | None:
+    """The first of ``suffixes`` that ``path``'s name ends with, as spelled there (any case), else None."""
+    name = Path(path).name
+    for suffix in suffixes:
+        if name.lower().endswith(suffix):
+            return name[-len(suffix) :]
+    return None
 
 
 class ImageReadError(ValueError):
@@ -212,8 +224,5 @@ class MedicalImage:
         """A short name for layers and output files: the source's name without image suffixes."""
         if self.source is None:
             return "image"
-        name = self.source.name
-        for suffix in (".nii.gz", ".nii", ".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-            if name.lower().endswith(suffix):
-                return name[: -len(suffix)]
-        return name
+        suffix = matching_suffix(self.source)
+        return self.source.name[: -len(suffix)] if suffix else self.source.name

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from napari_mamba_seg.io._atomic import atomic_output, check_writable_dtype
-from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage
+from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage, matching_suffix
 
 __all__ = ["NIFTI_SUFFIXES", "nifti_suffix", "read_nifti", "write_nifti"]
 
@@ -28,11 +28,7 @@ _INTENT_LABEL = "label"
 
 def nifti_suffix(path: str | Path) -> str | None:
     """The NIfTI suffix of ``path`` as spelled there (``".nii.gz"`` or ``".nii"``, any case), else None."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[-len(suffix) :]
-    return None
+    return matching_suffix(path, NIFTI_SUFFIXES)
 
 
 # --------------------------------------------------------------------------------------------- reading

@@ -35,7 +35,7 @@ import numpy as np
 import tifffile
 
 from napari_mamba_seg.io._atomic import atomic_output, check_writable_dtype
-from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage
+from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage, matching_suffix
 
 __all__ = ["TIFF_SUFFIXES", "read_tiff", "tiff_suffix", "write_tiff"]
 
@@ -64,11 +64,7 @@ _MM_PER_UNIT = {
 
 def tiff_suffix(path: str | Path) -> str | None:
     """The TIFF suffix of ``path`` as spelled there (``.ome.tif``, ``.tif``, ... any case), else None."""
-    name = Path(path).name
-    for suffix in TIFF_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[-len(suffix) :]
-    return None
+    return matching_suffix(path, TIFF_SUFFIXES)
 
 
 # --------------------------------------------------------------------------------------------- reading

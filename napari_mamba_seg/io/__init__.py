@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from napari_mamba_seg.io._atomic import integer_labels
 from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage
 from napari_mamba_seg.io.discover import discover_inputs, is_dicom_file
 from napari_mamba_seg.io.nifti import nifti_suffix, read_nifti, write_nifti
@@ -25,10 +27,12 @@ __all__ = [
     "ImageReadError",
     "MedicalImage",
     "discover_inputs",
+    "read_dicom_seg",
     "read_image",
     "read_nifti",
     "read_tiff",
     "supported_suffixes",
+    "write_dicom_seg",
     "write_image",
     "write_labels",
     "write_nifti",
@@ -88,6 +92,20 @@ def _read_dicom(path: Path, series_uid: str | None) -> MedicalImage:
     return read_dicom_series(path, series_uid=series_uid)
 
 
+def write_dicom_seg(*args: Any, **kwargs: Any) -> Path:
+    """Write labels of a DICOM-read image as a DICOM-SEG referencing its series (see :mod:`.dicom_seg`)."""
+    from napari_mamba_seg.io.dicom_seg import write_dicom_seg as write  # lazy: highdicom is slow to import
+
+    return write(*args, **kwargs)
+
+
+def read_dicom_seg(*args: Any, **kwargs: Any) -> tuple[np.ndarray, list[str]]:
+    """Read a DICOM-SEG back as a label volume and its segment labels (see :mod:`.dicom_seg`)."""
+    from napari_mamba_seg.io.dicom_seg import read_dicom_seg as read
+
+    return read(*args, **kwargs)
+
+
 def write_labels(
     labels: np.ndarray, path: str | Path, reference: MedicalImage | ImageGeometry, *, overwrite: bool = False
 ) -> Path:
@@ -113,14 +131,7 @@ def write_labels(
     path = Path(path)
     writer = _writer_for(path)
     image, geometry = _reference_parts(reference)
-    labels = np.asarray(labels)
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(
-            f"Cannot write {path}: labels must be integers, got dtype {labels.dtype}. Convert them first, e.g. "
-            "np.rint(labels).astype(np.uint16) (or argmax over class probabilities)."
-        )
+    labels = integer_labels(labels, path)
     _check_spatial_shape(labels.shape, image, geometry, path, "labels")
     lowest, highest = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
     if lowest < 0 or highest > _MAX_LABEL:

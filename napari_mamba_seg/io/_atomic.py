@@ -38,6 +38,19 @@ def refuse_existing(path: Path, overwrite: bool) -> None:
         )
 
 
+def integer_labels(labels: np.ndarray, path: Path) -> np.ndarray:
+    """``labels`` as an integer array (bool becomes uint8); ValueError naming ``path`` for any other dtype."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool:
+        labels = labels.astype(np.uint8)
+    if labels.dtype.kind not in "iu":
+        raise ValueError(
+            f"Cannot write {path}: labels must be integers, got dtype {labels.dtype}. Convert them first, e.g. "
+            "np.rint(labels).astype(np.uint16) (or argmax over class probabilities)."
+        )
+    return labels
+
+
 def check_writable_dtype(array: np.ndarray, path: Path) -> None:
     """Raise ValueError unless ``array``'s dtype is one the writers store (see :data:`WRITABLE_DTYPES`)."""
     if array.dtype.newbyteorder("=") not in WRITABLE_DTYPES:

@@ -38,6 +38,7 @@ from safetensors.torch import save as safetensors_to_bytes
 from torch import nn
 
 from napari_mamba_seg import __version__
+from napari_mamba_seg._durable import fsync_directory, write_durably
 from napari_mamba_seg.models import config_from_dict, config_to_dict, create_model, get_model_entry
 from napari_mamba_seg.models._registry import ModelEntry
 
@@ -393,42 +394,21 @@ def _write_bundle_files(folder: Path, weights: bytes, card: bytes) -> None:
         staging.mkdir()
         try:
             for name, data in files.items():
-                _write_durably(staging / name, data)
+                write_durably(staging / name, data)
             os.rename(staging, folder)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _fsync_directory(folder.parent)
+        fsync_directory(folder.parent)
         return
     for name, data in files.items():
         temporary = folder / f".{name}.{uuid.uuid4().hex[:8]}.partial"
         try:
-            _write_durably(temporary, data)
+            write_durably(temporary, data)
             os.replace(temporary, folder / name)
         finally:
             temporary.unlink(missing_ok=True)
-    _fsync_directory(folder)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    with open(path, "xb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    """Persist a rename (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+    fsync_directory(folder)
 
 
 # --------------------------------------------------------------------------------------------- loading

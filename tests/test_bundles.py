@@ -204,14 +204,14 @@ def test_existing_bundle_is_not_overwritten_without_the_flag(saved: tuple[torch.
 
 
 def test_crash_while_saving_a_new_bundle_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write = bundles._write_durably
+    write = bundles.write_durably
 
     def crash_on_card(path: Path, data: bytes) -> None:
         if path.name == CARD_FILE:
             raise OSError("disk full")
         write(path, data)
 
-    monkeypatch.setattr(bundles, "_write_durably", crash_on_card)
+    monkeypatch.setattr(bundles, "write_durably", crash_on_card)
     with pytest.raises(OSError, match="disk full"):
         save_bundle(_trained_like(SMALL), tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
@@ -222,14 +222,14 @@ def test_crash_while_overwriting_is_detected_on_load(
 ) -> None:
     """New weights, old card: never a silently wrong model, and no temporary files left behind."""
     _, folder = saved
-    write = bundles._write_durably
+    write = bundles.write_durably
 
     def crash_on_card(path: Path, data: bytes) -> None:
         if path.name.startswith(f".{CARD_FILE}"):
             raise OSError("power cut")
         write(path, data)
 
-    monkeypatch.setattr(bundles, "_write_durably", crash_on_card)
+    monkeypatch.setattr(bundles, "write_durably", crash_on_card)
     with pytest.raises(OSError, match="power cut"):
         save_bundle(_trained_like(SMALL, num_classes=2), folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == [CARD_FILE, WEIGHTS_FILE]

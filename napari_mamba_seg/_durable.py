@@ -1,0 +1,30 @@
+"""Durable file writes shared by bundles, training checkpoints and exporters (standard library only)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["fsync_directory", "write_durably"]
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist) with ``data``, flushed to the disk before returning."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def fsync_directory(path: Path) -> None:
+    """Persist a folder's entries, e.g. after a rename (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)

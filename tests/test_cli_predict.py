@@ -18,7 +18,7 @@ import pytest
 from napari_mamba_seg import cli
 from napari_mamba_seg.bundles import ModelCard, save_bundle
 from napari_mamba_seg.inference import PredictionSettings, Predictor
-from napari_mamba_seg.io import read_image
+from napari_mamba_seg.io import read_dicom_seg, read_image
 from napari_mamba_seg.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "io"))
@@ -105,7 +105,7 @@ def test_tiff_in_tiff_out_keeps_the_spacing(bundle: Path, tmp_path: Path) -> Non
     assert np.array_equal(labels.array[0], _engine_labels(bundle, source))
 
 
-def test_dicom_folder_in_nifti_out_in_the_series_geometry(bundle: Path, tmp_path: Path) -> None:
+def test_dicom_folder_in_dicom_seg_out_referencing_the_series(bundle: Path, tmp_path: Path) -> None:
     series = tmp_path / "study" / "series_3"
     stored = np.random.default_rng(2).integers(0, 400, (5, 16, 20)).astype(np.int16)
     write_dicom_series(series, stored, spacing=(3.0, 0.7, 0.9), origin_lps=(10.0, -20.0, 5.0), rescale_slope=2.0)
@@ -113,7 +113,22 @@ def test_dicom_folder_in_nifti_out_in_the_series_geometry(bundle: Path, tmp_path
     assert cli.main(["predict", "-q", "-m", str(bundle), str(tmp_path / "study"), "-o", str(out)]) == 0
 
     image = read_image(series)
-    written = read_image(out / "series_3_labels.nii.gz")
+    labels, segment_names = read_dicom_seg(out / "series_3_labels.dcm", reference=image)
+    assert segment_names == CLASSES[1:]
+    assert np.array_equal(labels, _engine_labels(bundle, series))
+
+
+def test_dicom_folder_as_nifti_in_the_series_geometry(bundle: Path, tmp_path: Path) -> None:
+    series = tmp_path / "series_4"
+    stored = np.random.default_rng(3).integers(0, 400, (4, 12, 14)).astype(np.int16)
+    write_dicom_series(
+        series, stored, spacing=(2.0, 0.8, 0.6), row_direction=(0.8, 0.6, 0.0), column_direction=(-0.6, 0.8, 0.0)
+    )
+    out = tmp_path / "out"
+    assert cli.main(["predict", "-q", "-m", str(bundle), str(series), "-o", str(out), "--format", ".nii.gz"]) == 0
+
+    image = read_image(series)
+    written = read_image(out / "series_4_labels.nii.gz")
     assert written.geometry.is_close(image.geometry, atol=1e-5)
     assert np.array_equal(written.array[0], _engine_labels(bundle, series))
 

@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from napari_mamba_seg.io import ImageReadError, discover_inputs, read_image, write_image, write_labels
+from napari_mamba_seg.io import (
+    ImageReadError,
+    discover_inputs,
+    read_image,
+    write_dicom_seg,
+    write_image,
+    write_labels,
+)
 from napari_mamba_seg.io._image import matching_suffix
 
-__all__ = ["USER_ERRORS", "FileJob", "output_stem_and_suffix", "plan_jobs", "predict_job"]
+__all__ = ["OUTPUT_FORMATS", "USER_ERRORS", "FileJob", "output_stem_and_suffix", "plan_jobs", "predict_job"]
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, MemoryError)
 """Errors caused by the input, the model, the settings or the disk (ImageReadError, BundleNotFoundError,
@@ -28,7 +35,8 @@ class FileJob:
     Attributes:
         source: A NIfTI or TIFF file, or a DICOM series folder.
         labels_path: ``<outdir>/<name>_labels<suffix>``.
-        probabilities_path: ``<outdir>/<name>_probabilities<suffix>`` when asked for, else None.
+        probabilities_path: ``<outdir>/<name>_probabilities<suffix>`` when asked for (NIfTI beside a DICOM-SEG),
+            else None.
     """
 
     source: Path
@@ -41,22 +49,35 @@ class FileJob:
         return [self.labels_path] + ([self.probabilities_path] if self.probabilities_path else [])
 
 
-def output_stem_and_suffix(source: Path) -> tuple[str, str]:
-    """The name results are written under and their suffix, in the input's format.
+OUTPUT_FORMATS = ("auto", ".nii.gz", ".nii", ".tif", ".dcm")
+"""``auto`` = the input's format (DICOM-SEG ``.dcm`` for a DICOM series), or one suffix for every input."""
 
-    NIfTI stays NIfTI (``.nii`` or ``.nii.gz`` as given), TIFF becomes ``.tif``, and a DICOM folder gives NIfTI
-    (``.nii.gz``) named after the folder.
+
+def output_stem_and_suffix(source: Path, output_format: str = "auto") -> tuple[str, str]:
+    """The name results are written under and their labels suffix.
+
+    With ``"auto"``: NIfTI stays NIfTI (``.nii`` or ``.nii.gz`` as given), TIFF becomes ``.tif``, and a DICOM
+    series (folder or file) gives a DICOM-SEG ``.dcm`` named after the folder. Any other format is used as given
+    (``.dcm`` needs DICOM input).
     """
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"unknown output format {output_format!r}; choose one of {', '.join(OUTPUT_FORMATS)}")
     suffix = matching_suffix(source)
     if suffix and source.is_file():
-        return source.name[: -len(suffix)], suffix.lower() if suffix.lower().startswith(".nii") else ".tif"
-    if source.is_dir():
-        return source.resolve().name, ".nii.gz"
-    return source.stem, ".nii.gz"  # a DICOM file without a known suffix: read as its folder's series
+        stem, auto = source.name[: -len(suffix)], suffix.lower() if suffix.lower().startswith(".nii") else ".tif"
+    else:  # a DICOM folder, or a DICOM file read as its folder's series
+        stem, auto = (source.resolve().name if source.is_dir() else source.stem), ".dcm"
+    if output_format == ".dcm" and auto != ".dcm":
+        raise ValueError(f"{source}: DICOM-SEG output needs a DICOM series as input; write .nii.gz or .tif instead")
+    return stem, auto if output_format == "auto" else output_format
 
 
 def plan_jobs(
-    inputs: Sequence[str | Path], output_dir: str | Path, *, save_probabilities: bool = False
+    inputs: Sequence[str | Path],
+    output_dir: str | Path,
+    *,
+    save_probabilities: bool = False,
+    output_format: str = "auto",
 ) -> tuple[list[FileJob], list[tuple[Path, str]]]:
     """The jobs for the given inputs: files and folders expanded, output names fixed, the output folder made.
 
@@ -64,6 +85,7 @@ def plan_jobs(
         inputs: Files or folders (see :func:`napari_mamba_seg.io.discover_inputs`).
         output_dir: Folder for the results; created when missing.
         save_probabilities: Whether each job also writes a probability map.
+        output_format: See :func:`output_stem_and_suffix`.
 
     Returns:
         The jobs, and ``(input, reason)`` for each input that holds nothing readable (a missing path, a folder
@@ -84,9 +106,14 @@ def plan_jobs(
         raise NotADirectoryError(f"output folder {out} is a file; pass a folder with -o/--output")
     jobs, owners = [], {}
     for source in sources:
-        stem, suffix = output_stem_and_suffix(source)
+        try:
+            stem, suffix = output_stem_and_suffix(source, output_format)
+        except ValueError as error:
+            unusable.append((source, str(error)))
+            continue
         labels = out / f"{stem}_labels{suffix}"
-        probabilities = out / f"{stem}_probabilities{suffix}" if save_probabilities else None
+        probability_suffix = ".nii.gz" if suffix == ".dcm" else suffix
+        probabilities = out / f"{stem}_probabilities{probability_suffix}" if save_probabilities else None
         if labels in owners:
             raise ValueError(
                 f"{source} and {owners[labels]} would both be written to {labels}; segment them into different "
@@ -106,6 +133,7 @@ def predict_job(
     overwrite: bool = False,
     progress: Callable[[Any], None] | None = None,
     cancel: Any = None,
+    model_name: str | None = None,
 ) -> list[Path]:
     """Read ``job.source``, predict with ``predictor``, write the labels (and probabilities) in its geometry.
 
@@ -117,6 +145,7 @@ def predict_job(
         progress: Called with each ``PredictionProgress``.
         cancel: A ``threading.Event`` or a callable; when set, ``PredictionCancelled`` is raised and nothing
             is written.
+        model_name: Recorded in a DICOM-SEG's algorithm identification.
 
     Returns:
         The files written, labels first.
@@ -139,5 +168,15 @@ def predict_job(
     if job.probabilities_path is not None and prediction.probabilities is not None:
         write_image(prediction.probabilities, job.probabilities_path, image, overwrite=overwrite)
         written.append(job.probabilities_path)
-    write_labels(prediction.labels, job.labels_path, image, overwrite=overwrite)
+    if job.labels_path.suffix.lower() == ".dcm":
+        write_dicom_seg(
+            prediction.labels,
+            job.labels_path,
+            image,
+            class_names=prediction.class_names,
+            model_name=model_name,
+            overwrite=overwrite,
+        )
+    else:
+        write_labels(prediction.labels, job.labels_path, image, overwrite=overwrite)
     return [job.labels_path, *written]

@@ -48,6 +48,7 @@ from napari_mamba_seg.inference.memory import (
     ForwardCost,
     activation_bytes_per_voxel,
     choose_batch_and_tile,
+    cpu_batch_cap,
     default_memory_budget_mb,
     model_weight_bytes,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "PredictionProgress",
     "PredictionSettings",
     "Predictor",
+    "check_card",
 ]
 
 CancelSignal = threading.Event | Callable[[], bool] | None
@@ -266,7 +268,7 @@ class Predictor:
         self.settings = settings if settings is not None else PredictionSettings()
         self.card = card if card is not None else ModelCard()
         self.normalization = check_normalization(self.card.normalization)
-        _check_card(self.card, model)
+        check_card(self.card, model)
         _check_settings(self.settings, model.spatial_dims)
         self.device = select_device(self.settings.device)
         self.model = model.to(self.device)
@@ -464,7 +466,10 @@ class Predictor:
 
         def max_batch(tile: tuple[int, ...]) -> int:
             tiles = TileGrid.build(layout.item_shape, tile, settings.overlap).num_tiles
-            return min(MAX_BATCH_SIZE, layout.num_items * tiles)
+            if settings.batch_size is not None:  # as asked, up to the number of tiles
+                return layout.num_items * tiles
+            cap = MAX_BATCH_SIZE if self.device.type == "cuda" else cpu_batch_cap(cost.device_bytes(1, tile) / MB)
+            return min(cap, layout.num_items * tiles)
 
         budget_mb = settings.memory_budget_mb or default_memory_budget_mb(self.device)
         tile, may_shrink = self._requested_tile(layout)
@@ -754,8 +759,8 @@ def _cancel_checker(cancel: CancelSignal) -> Callable[[], None]:
     return check
 
 
-def _check_card(card: ModelCard, model: SegmentationModel) -> None:
-    """ValueError when the card does not describe ``model``."""
+def check_card(card: ModelCard, model: SegmentationModel) -> None:
+    """ValueError when the card does not describe ``model`` (channels, classes, names, patch size, spacing)."""
     dims = model.spatial_dims
     if card.in_channels is not None and card.in_channels != model.in_channels:
         raise ValueError(f"the card says {card.in_channels} input channel(s) but the model has {model.in_channels}")

@@ -26,7 +26,13 @@ def test_output_names_follow_the_input_format(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
         assert output_stem_and_suffix(tmp_path / name) == expected
     (tmp_path / "series_7").mkdir()
-    assert output_stem_and_suffix(tmp_path / "series_7") == ("series_7", ".nii.gz")
+    assert output_stem_and_suffix(tmp_path / "series_7") == ("series_7", ".dcm")  # DICOM-SEG for a DICOM series
+    assert output_stem_and_suffix(tmp_path / "series_7", ".nii.gz") == ("series_7", ".nii.gz")
+    assert output_stem_and_suffix(tmp_path / "a.nii.gz", ".tif") == ("a", ".tif")
+    with pytest.raises(ValueError, match="needs a DICOM series"):
+        output_stem_and_suffix(tmp_path / "a.nii.gz", ".dcm")
+    with pytest.raises(ValueError, match="unknown output format"):
+        output_stem_and_suffix(tmp_path / "a.nii.gz", ".png")
 
 
 def test_two_inputs_that_would_write_the_same_file_are_refused(tmp_path: Path) -> None:

@@ -11,7 +11,13 @@ import torch
 
 from napari_mamba_seg.bundles import ModelCard
 from napari_mamba_seg.inference import PredictionSettings, Predictor, activation_bytes_per_voxel, tile_starts
-from napari_mamba_seg.inference.memory import ForwardCost, shrink_tile
+from napari_mamba_seg.inference.memory import (
+    CPU_BATCH_ACTIVATION_MB,
+    MAX_CPU_BATCH_SIZE,
+    ForwardCost,
+    cpu_batch_cap,
+    shrink_tile,
+)
 
 
 def test_activation_probe_is_measured_once_per_model_device_and_precision(per_pixel) -> None:
@@ -55,13 +61,15 @@ def _plan_peak(model, card, shape, **settings) -> float:
 def test_a_small_budget_lowers_the_batch_then_shrinks_the_tile(vm_unet) -> None:
     card = ModelCard(patch_size=[64, 64])
     shape = (2, 40, 64, 64)
-    roomy = Predictor(vm_unet, card, PredictionSettings(memory_budget_mb=1e6)).plan(shape)
-    assert roomy.batch_size == 32 and roomy.tile_size == (64, 64)
+    roomy = Predictor(vm_unet, card, PredictionSettings(device="cpu", memory_budget_mb=1e6, batch_size=4)).plan(shape)
+    assert roomy.batch_size == 4 and roomy.tile_size == (64, 64)
     peaks = {batch: _plan_peak(vm_unet, card, shape, batch_size=batch) for batch in (1, 3, 4)}
     assert peaks[1] < peaks[3] < peaks[4] <= roomy.estimated_peak_mb
 
-    def plan(budget_mb: float):
-        return Predictor(vm_unet, card, PredictionSettings(memory_budget_mb=budget_mb)).plan(shape)
+    def plan(budget_mb: float):  # the tiny test model's slices are small enough for CPU batches of 4
+        return Predictor(vm_unet, card, PredictionSettings(device="cpu", memory_budget_mb=budget_mb)).plan(shape)
+
+    assert plan(1e6).batch_size == 4
 
     between_3_and_4 = plan((peaks[3] + peaks[4]) / 2)
     assert between_3_and_4.batch_size == 3 and between_3_and_4.tile_size == (64, 64)
@@ -71,6 +79,21 @@ def test_a_small_budget_lowers_the_batch_then_shrinks_the_tile(vm_unet) -> None:
     shrunk = plan(peaks[1] * 0.95)
     assert shrunk.tile_size in {(32, 64), (64, 32)} and shrunk.estimated_peak_mb <= peaks[1] * 0.95
     assert shrunk.num_tiles == 40 * len(tile_starts(64, 32, 0.5))  # each slice now needs several tiles
+
+
+def test_cpu_batches_hold_little_activation_memory_unless_asked(vm_unet) -> None:
+    """Automatic CPU batches hold at most CPU_BATCH_ACTIVATION_MB of activations and MAX_CPU_BATCH_SIZE items
+    (bigger ones run slower there); an explicit batch size is used as given."""
+    card = ModelCard(patch_size=[64, 64])
+    shape = (2, 40, 64, 64)
+    automatic = Predictor(vm_unet, card, PredictionSettings(device="cpu", memory_budget_mb=1e6)).plan(shape)
+    per_slice_mb = automatic.device_mb / automatic.batch_size
+    assert automatic.batch_size == cpu_batch_cap(per_slice_mb)
+    assert 1 <= automatic.batch_size <= MAX_CPU_BATCH_SIZE
+    assert automatic.batch_size == 1 or automatic.device_mb <= CPU_BATCH_ACTIVATION_MB
+    asked = Predictor(vm_unet, card, PredictionSettings(device="cpu", batch_size=12, memory_budget_mb=1e6)).plan(shape)
+    assert asked.batch_size == 12
+    assert [cpu_batch_cap(mb) for mb in (0.5, 14, 20, 33, 64, 250)] == [4, 4, 3, 1, 1, 1]
 
 
 def test_an_impossible_budget_raises_memory_error_with_the_numbers(vm_unet) -> None:

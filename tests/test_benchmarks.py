@@ -65,3 +65,29 @@ def test_table_prints(models_benchmark, restore_threads, capsys) -> None:
     assert "n/a (3D)" in out
     assert "scan backend" in out
     assert "16×16×16" in out
+
+
+@pytest.fixture(scope="module")
+def training_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmarks_training", BENCHMARKS / "training.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_throughput_rows_of_tiny_models(training_benchmark) -> None:
+    """benchmarks/training.py times optimizer steps of the real trainer and prints a ratio to the U-Net."""
+    import argparse
+
+    args = argparse.Namespace(device="cpu", steps=1, patch_2d=(32, 32), patch_3d=(16, 16, 16), batch_2d=2, batch_3d=1)
+    case = training_benchmark.phantom_case((16, 96, 96), spacing=(3.0, 1.8, 1.8))
+    assert case.image.shape == (3, 16, 96, 96) and case.labels.max() <= 3
+    rows = [training_benchmark.measure(name, case, args) for name in ("test_unet", "test_vm_unet", "test_unet_3d")]
+    for row in rows:
+        assert row["step_s"] > 0 and row["patches_per_s"] == pytest.approx(row["batch"] / row["step_s"])
+    training_benchmark.BASELINES = {2: "test_unet", 3: "test_unet_3d"}
+    table = training_benchmark.format_table(rows).splitlines()
+    assert table[0].split()[:2] == ["model", "dims"]
+    by_model = {line.split()[0]: line.split() for line in table[1:]}
+    assert by_model["test_unet"][-1] == "1.00" and by_model["test_unet_3d"][-1] == "1.00"
+    assert float(by_model["test_vm_unet"][-1]) > 0

@@ -266,6 +266,7 @@ def test_ctrl_c_stops_after_the_step_and_keeps_the_last_good_checkpoint(
         return loss
 
     monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    handler_before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup
     output = tmp_path / "run"
     argv = ["train", str(dataset), "-o", str(output), *TINY_RUN, "--steps", "6", "--val-fraction", "0"]
     assert cli.main([*argv, "--checkpoint-every", "1"]) == 130
@@ -273,7 +274,7 @@ def test_ctrl_c_stops_after_the_step_and_keeps_the_last_good_checkpoint(
     assert f"interrupted at step 2: the last checkpoint is {output / 'last'} (step 1)" in err
     assert "--resume" in err and "Traceback" not in err
     assert read_trainer_state(output / "last")[0]["step"] == 1  # step 2's checkpoint was never started
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the command's handler is removed again
 
 
 def test_a_missing_dataset_or_unknown_validation_case_is_one_line(dataset: Path, tmp_path: Path, capsys) -> None:

@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from napari_mamba_seg._generators import run_to_end
 from napari_mamba_seg.bundles import ModelCard, load_bundle
 from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision, select_device
 from napari_mamba_seg.inference.device import autocast as autocast_context
@@ -553,14 +554,7 @@ class Predictor:
             MemoryError: Nothing fits the memory budget.
             PredictionCancelled: ``cancel`` asked to stop.
         """
-        steps = self.iter_predict(image, spacing, cancel=cancel)
-        while True:
-            try:
-                update = next(steps)
-            except StopIteration as finished:
-                return finished.value
-            if progress is not None:
-                progress(update)
+        return run_to_end(self.iter_predict(image, spacing, cancel=cancel), progress)
 
     def iter_predict(
         self, image: np.ndarray, spacing: Sequence[float] | None = None, *, cancel: CancelSignal = None

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_mamba_seg._generators import run_to_end
 from napari_mamba_seg.inference import Predictor
 from napari_mamba_seg.training.cases import TrainingCase
 from napari_mamba_seg.training.metrics import dice_per_class, hd95
@@ -94,14 +95,7 @@ def evaluate(
     progress: Callable[[CaseEvaluation], None] | None = None,
 ) -> EvaluationResult:
     """:func:`iter_evaluate` run to the end; ``progress`` is called with every case's metrics."""
-    steps = iter_evaluate(predictor, cases, compute_hd95=compute_hd95)
-    while True:
-        try:
-            case = next(steps)
-        except StopIteration as finished:
-            return finished.value
-        if progress is not None:
-            progress(case)
+    return run_to_end(iter_evaluate(predictor, cases, compute_hd95=compute_hd95), progress)
 
 
 def case_metrics(

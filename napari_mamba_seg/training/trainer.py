@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from napari_mamba_seg._generators import run_to_end
 from napari_mamba_seg.bundles import CARD_FILE, ModelCard, load_bundle
 from napari_mamba_seg.inference import PredictionSettings, Predictor
 from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision, select_device
@@ -484,14 +485,7 @@ class Trainer:
         Returns:
             The :class:`TrainingResult`.
         """
-        steps = self.iter_train(cancel=cancel)
-        while True:
-            try:
-                update = next(steps)
-            except StopIteration as finished:
-                return finished.value
-            if progress is not None:
-                progress(update)
+        return run_to_end(self.iter_train(cancel=cancel), progress)
 
     def iter_train(self, *, cancel: CancelSignal = None) -> Generator[TrainingProgress, None, TrainingResult]:
         """Train step by step: yields :class:`TrainingProgress`, returns the :class:`TrainingResult`.

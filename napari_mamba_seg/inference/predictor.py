@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import math
 import os
-import threading
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from napari_mamba_seg._generators import run_to_end
+from napari_mamba_seg._generators import CancelSignal, cancel_predicate, run_to_end
 from napari_mamba_seg.bundles import ModelCard, load_bundle
 from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision, select_device
 from napari_mamba_seg.inference.device import autocast as autocast_context
@@ -67,10 +66,9 @@ __all__ = [
     "PredictionSettings",
     "Predictor",
     "check_card",
+    "slice_axis_for",
 ]
 
-CancelSignal = threading.Event | Callable[[], bool] | None
-"""What ``cancel`` may be: None, a ``threading.Event`` (cancel when set), or a callable returning True to cancel."""
 
 Mode = Literal["slices", "volume", "image"]
 
@@ -427,10 +425,7 @@ class Predictor:
         return _Layout(mode, axis, spatial, tuple(grid), True)
 
     def _slice_axis(self, spacing: tuple[float, ...] | None) -> int:
-        axis = self.settings.axis
-        if axis == "auto":
-            return 0 if spacing is None else int(np.argmax(spacing))  # first (lowest) axis on ties
-        return int(axis) % 3
+        return slice_axis_for(spacing, self.settings.axis)
 
     def _requested_tile(self, layout: _Layout) -> tuple[tuple[int, ...], bool]:
         """The tile before memory planning (capped at the item) and whether it may shrink."""
@@ -734,17 +729,24 @@ def _cudnn_benchmark_off() -> Iterator[None]:
         torch.backends.cudnn.benchmark = previous
 
 
+def slice_axis_for(spacing: Sequence[float] | None, axis: int | str = "auto") -> int:
+    """The slice axis of a 2D model on a volume (training samples its slices along the same axis).
+
+    Args:
+        spacing: The volume's voxel size per axis (array order), or None.
+        axis: ``"auto"`` (the coarsest axis, the lowest one on ties; axis 0 without spacing) or an axis 0 to 2
+            (negative counts from the end).
+    """
+    if axis == "auto":
+        return 0 if spacing is None else int(np.argmax(spacing))
+    if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
+        raise ValueError(f"slice axis must be 'auto' or a spatial axis 0, 1 or 2, got {axis!r}")
+    return int(axis) % 3
+
+
 def _cancel_checker(cancel: CancelSignal) -> Callable[[], None]:
-    if cancel is None:
-        return lambda: None
-    if isinstance(cancel, threading.Event):
-        is_cancelled = cancel.is_set
-    elif callable(cancel):
-        is_cancelled = cancel
-    else:
-        raise TypeError(
-            f"cancel must be None, a threading.Event or a callable returning bool, got {type(cancel).__name__}"
-        )
+    """A no-argument function raising :class:`PredictionCancelled` when ``cancel`` asks to stop."""
+    is_cancelled = cancel_predicate(cancel)
 
     def check() -> None:
         if is_cancelled():

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from napari_mamba_seg.inference.normalization import check_normalization, normalize_image
+from napari_mamba_seg.inference.predictor import slice_axis_for
 from napari_mamba_seg.inference.resampling import resample_to_shape, resampled_shape
 from napari_mamba_seg.training.augmentation import Augmenter
 from napari_mamba_seg.training.cases import NnUNetRawDataset, TrainingCase
@@ -54,21 +55,6 @@ def is_foreground_sample(index: int, fraction: float) -> bool:
     consecutive samples hold ``floor(n * fraction)`` or one more foreground samples.
     """
     return math.floor((index + 1) * fraction + 1e-9) > math.floor(index * fraction + 1e-9)
-
-
-def slice_axis_for(spacing: Sequence[float] | None, axis: int | str = "auto") -> int:
-    """The slice axis of a 2D model on a volume, as the predictor chooses it.
-
-    Args:
-        spacing: The volume's voxel size per axis (array order), or None.
-        axis: ``"auto"`` (the coarsest axis, the lowest one on ties; axis 0 without spacing) or an axis 0 to 2
-            (negative counts from the end).
-    """
-    if axis == "auto":
-        return 0 if spacing is None else int(np.argmax(spacing))
-    if isinstance(axis, bool) or not isinstance(axis, int | np.integer) or not -3 <= axis < 3:
-        raise ValueError(f"slice axis must be 'auto' or a spatial axis 0, 1 or 2, got {axis!r}")
-    return int(axis) % 3
 
 
 @dataclass

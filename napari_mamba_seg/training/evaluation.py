@@ -7,7 +7,6 @@ surface distance has no meaning on a partial mask), so it is reported only for f
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_mamba_seg._generators import run_to_end
+from napari_mamba_seg._generators import CancelSignal, cancel_predicate, run_to_end
 from napari_mamba_seg.inference import Predictor
 from napari_mamba_seg.training.cases import TrainingCase
 from napari_mamba_seg.training.metrics import dice_per_class, hd95
@@ -24,8 +23,6 @@ __all__ = ["CaseEvaluation", "EvaluationResult", "evaluate", "iter_evaluate", "s
 
 MEAN_DICE = "mean_dice"
 """Key of the mean foreground Dice: the mean over the foreground classes of their Dice averaged over the cases."""
-
-CancelSignal = threading.Event | Callable[[], bool] | None
 
 
 @dataclass
@@ -133,17 +130,6 @@ def summarize(results: Sequence[CaseEvaluation], class_names: Sequence[str]) -> 
         for k, name in enumerate(class_names[1:], start=1):
             metrics[f"hd95_{name}"] = _nanmean(distances[:, k])
     return metrics
-
-
-def cancel_predicate(cancel: CancelSignal) -> Callable[[], bool]:
-    """A no-argument function telling whether ``cancel`` (None, an Event or a callable) asks to stop."""
-    if cancel is None:
-        return lambda: False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set
-    if callable(cancel):
-        return lambda: bool(cancel())
-    raise TypeError(f"cancel must be None, a threading.Event or a callable returning bool, got {type(cancel).__name__}")
 
 
 def _nanmean(values: np.ndarray) -> float:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from napari_mamba_seg._generators import run_to_end
+from napari_mamba_seg._generators import CancelSignal, cancel_predicate, run_to_end
 from napari_mamba_seg.bundles import CARD_FILE, ModelCard, load_bundle
 from napari_mamba_seg.inference import PredictionSettings, Predictor
 from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision, select_device
@@ -63,8 +63,6 @@ from napari_mamba_seg.training.checkpoint import (
 from napari_mamba_seg.training.dataset import SegmentationDataset
 from napari_mamba_seg.training.evaluation import (
     MEAN_DICE,
-    CancelSignal,
-    cancel_predicate,
     case_metrics,
     json_metrics,
     summarize,

@@ -55,6 +55,7 @@ from napari_mamba_seg.inference.memory import (
 from napari_mamba_seg.inference.normalization import check_normalization, normalize_channel
 from napari_mamba_seg.inference.resampling import resample_to_shape, resampled_shape
 from napari_mamba_seg.inference.sliding_window import TileGrid, num_batches, run_tiles
+from napari_mamba_seg.io import MedicalImage
 from napari_mamba_seg.models import SegmentationModel
 
 __all__ = [
@@ -527,7 +528,7 @@ class Predictor:
 
     def predict(
         self,
-        image: np.ndarray,
+        image: np.ndarray | MedicalImage,
         spacing: Sequence[float] | None = None,
         *,
         progress: Callable[[PredictionProgress], None] | None = None,
@@ -536,7 +537,8 @@ class Predictor:
         """Segment ``image``.
 
         Args:
-            image: ``(C, *spatial)`` numpy array, any real dtype.
+            image: ``(C, *spatial)`` numpy array, any real dtype; or a :class:`~napari_mamba_seg.io.MedicalImage`
+                (from ``read_image``), whose spacing is used when ``spacing`` is None.
             spacing: Voxel size per spatial axis in mm (array order); for ``axis="auto"`` and resampling.
             progress: Called with every :class:`PredictionProgress`.
             cancel: None, a ``threading.Event`` or a callable returning True to stop; checked before every batch.
@@ -552,7 +554,7 @@ class Predictor:
         return run_to_end(self.iter_predict(image, spacing, cancel=cancel), progress)
 
     def iter_predict(
-        self, image: np.ndarray, spacing: Sequence[float] | None = None, *, cancel: CancelSignal = None
+        self, image: np.ndarray | MedicalImage, spacing: Sequence[float] | None = None, *, cancel: CancelSignal = None
     ) -> Generator[PredictionProgress, None, Prediction]:
         """Segment ``image`` step by step: yields progress, returns the :class:`Prediction` (``StopIteration.value``).
 
@@ -560,6 +562,9 @@ class Predictor:
         (inference mode, autocast) is held while it is suspended.
         """
         check_cancel = _cancel_checker(cancel)
+        if isinstance(image, MedicalImage):
+            spacing = image.geometry.spacing if spacing is None else spacing
+            image = image.array
         image = _as_array(image)
         self.check_image(image, spacing)
         check_cancel()

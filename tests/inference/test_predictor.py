@@ -18,6 +18,7 @@ from napari_mamba_seg.inference import (
     Predictor,
     normalize_image,
 )
+from napari_mamba_seg.io import ImageGeometry, MedicalImage
 from napari_mamba_seg.models import create_model
 
 
@@ -111,6 +112,15 @@ def test_auto_axis_is_the_coarsest_spacing(per_pixel) -> None:
     assert predictor.plan((2, 10, 12, 14), spacing=(1.0, 1.0, 1.0)).axis == 0  # ties: axis 0
     assert predictor.plan((2, 10, 12, 14)).axis == 0  # no spacing
     assert predictor.plan((2, 12, 14)).axis is None  # a 2D image has no slice axis
+
+
+def test_a_medical_image_brings_its_spacing(vm_unet, image_4d) -> None:
+    geometry = ImageGeometry.from_spacing((0.7, 0.7, 3.0))
+    medical = MedicalImage(image_4d, geometry)
+    from_image = Predictor(vm_unet, None, PredictionSettings()).predict(medical)
+    from_array = Predictor(vm_unet, None, PredictionSettings()).predict(image_4d, spacing=(0.7, 0.7, 3.0))
+    assert from_image.plan.axis == 2
+    np.testing.assert_array_equal(from_image.labels, from_array.labels)
 
 
 @pytest.mark.parametrize("axis", [1, 2, -1])

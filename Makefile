@@ -37,7 +37,7 @@ test: venv  ## run the whole test suite (GUI tests under xvfb-run when it exists
 		$(VENV_PYTHON) -m pytest $(PYTEST_ARGS); \
 	fi
 
-demo: venv  ## open napari with the plugin's widgets docked
+demo: venv  ## open napari with the breast phantom sample and the Segment and Correct widgets
 	$(VENV)/bin/napari-mamba-seg demo
 
 lint: venv  ## ruff check + ruff format --check

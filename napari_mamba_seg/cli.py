@@ -1,7 +1,7 @@
 """Command line entry point ``napari-mamba-seg``.
 
 Subcommands:
-    demo      open napari with the plugin's widgets docked
+    demo      open napari with the breast phantom sample and the Segment and Correct widgets docked
     backends  print which selective-scan backends this machine can run
     models    list the registered architectures, the bundled and the user's model bundles
     predict   segment NIfTI/TIFF files and DICOM folders with a model bundle
@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 PLUGIN_NAME = "napari-mamba-seg"
 
 
+DEMO_SAMPLE = "breast_dce_phantom"
+DEMO_WIDGETS = ("Segment", "Correct")
+"""Widgets docked by ``demo`` (those the manifest has), in this order; the others stay in the Plugins menu."""
+
+
 def _plugin_widget_names() -> list[str]:
     """Display names of every widget the plugin's manifest contributes, in manifest order."""
     from npe2 import PluginManifest
@@ -36,12 +41,20 @@ def _plugin_widget_names() -> list[str]:
     return [widget.display_name for widget in manifest.contributions.widgets or []]
 
 
+def demo_widget_names() -> list[str]:
+    """The widgets ``demo`` docks: :data:`DEMO_WIDGETS` that the manifest contributes."""
+    available = _plugin_widget_names()
+    return [name for name in DEMO_WIDGETS if name in available]
+
+
 def run_demo(args: argparse.Namespace) -> int:
-    """Open a napari viewer with all of the plugin's widgets docked, and run the Qt event loop."""
+    """Open napari with the breast phantom sample loaded and the Segment and Correct widgets docked."""
     import napari
 
     viewer = napari.Viewer(title="napari-mamba-seg demo")
-    for widget_name in _plugin_widget_names():
+    if not args.no_sample:
+        viewer.open_sample(PLUGIN_NAME, DEMO_SAMPLE)
+    for widget_name in demo_widget_names():
         viewer.window.add_plugin_dock_widget(PLUGIN_NAME, widget_name)
     if not args.no_event_loop:
         napari.run()
@@ -243,9 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = subcommands.add_parser(
         "demo",
-        help="open napari with the plugin's widgets docked",
-        description="Open a napari window with every widget of the napari-mamba-seg plugin docked.",
+        help="open napari with the breast phantom sample and the plugin's widgets",
+        description=(
+            "Open napari with the synthetic breast DCE-MRI phantom loaded (three phases and the ground truth) and "
+            "the Segment and Correct widgets docked; pick the breast-dce model and press Run."
+        ),
     )
+    demo.add_argument("--no-sample", action="store_true", help="do not load the phantom sample")
     demo.add_argument(
         "--no-event-loop",
         action="store_true",

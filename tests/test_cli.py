@@ -135,11 +135,11 @@ def test_format_table_pads_all_but_the_last_column() -> None:
 
 
 @pytest.mark.gui
-def test_demo_docks_the_plugin_widgets(make_napari_viewer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``napari-mamba-seg demo`` docks every widget of the manifest (event loop not started)."""
+def test_demo_opens_the_sample_and_docks_segment_and_correct(make_napari_viewer, monkeypatch) -> None:
+    """``napari-mamba-seg demo``: the phantom's three phases and ground truth, the demo widgets docked (event loop
+    not started)."""
     import napari
 
-    monkeypatch.setattr("napari_mamba_seg.kernels.available_backends", lambda: dict(FAKE_BACKENDS), raising=False)
     viewers = []
 
     def make_viewer(**kwargs):
@@ -150,5 +150,9 @@ def test_demo_docks_the_plugin_widgets(make_napari_viewer, monkeypatch: pytest.M
     assert cli.main(["demo", "--no-event-loop"]) == 0
     (viewer,) = viewers
     docked = " ".join(viewer.window.dock_widgets)
-    for widget_name in cli._plugin_widget_names():
+    assert "Segment" in cli.demo_widget_names()
+    for widget_name in cli.demo_widget_names():
         assert widget_name in docked
+    kinds = [layer._type_string for layer in viewer.layers]
+    assert kinds == ["image", "image", "image", "labels"]
+    assert viewer.layers[0].data.shape == (60, 256, 256)

@@ -1,0 +1,492 @@
+"""Dock widget "Correct": review slices, refine with clicks, propagate, clean up, with undo for each operation.
+
+napari's brush, eraser and fill stay the main tools (napari's own history covers them). This widget calls the
+pure-array tools of :mod:`napari_mamba_seg.interactive` on the chosen Labels layer's data, applies the returned
+:class:`~napari_mamba_seg.interactive.Edit` in place and keeps it on an undo stack per layer. The model's
+probabilities (for click refinement and model-guided propagation) are computed in a worker thread from the model
+and image layers the Segment widget recorded in the layer's metadata, once per layer.
+"""
+
+from __future__ import annotations
+
+import html
+import itertools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Labels, Points
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_mamba_seg._napari._segment import model_input_from_layers, segmentation_job
+from napari_mamba_seg._napari._segment_widget import RESULT_KEY
+from napari_mamba_seg._napari._workers import start_job
+from napari_mamba_seg.interactive import (
+    REVIEW_METADATA_KEY,
+    Edit,
+    ReviewState,
+    UndoStack,
+    fill_holes,
+    interpolate_slices,
+    keep_largest_component,
+    propagate_slice,
+    refine_with_clicks,
+    remove_small_islands,
+)
+
+if TYPE_CHECKING:
+    import napari
+
+POSITIVE_CLICKS = "positive clicks"
+NEGATIVE_CLICKS = "negative clicks"
+
+
+class CorrectWidget(QWidget):
+    """Correction tools for one Labels layer; every operation can be undone."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.undo_stacks: dict[str, UndoStack] = {}
+        self.probabilities: dict[str, np.ndarray] = {}
+        self.worker: Any = None
+        self._build()
+        self._refresh_layers()
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self.viewer.dims.events.current_step.connect(self._show_review)
+
+    # ------------------------------------------------------------------------------------------------ form
+
+    def _build(self) -> None:
+        self.labels_box = QComboBox()
+        self.labels_box.currentIndexChanged.connect(self._show_review)
+        self.only_selected = QCheckBox("only the selected label")
+        self.only_selected.setToolTip("apply clean-up and propagation to the layer's selected label only")
+
+        self.review_text = QLabel()
+        review = self._group(
+            "Review",
+            [
+                ("Mark slice reviewed", self.mark_reviewed),
+                ("Unmark", self.unmark_reviewed),
+                ("Next unreviewed", self.go_to_next_unreviewed),
+            ],
+            extra=self.review_text,
+        )
+        clicks = self._group(
+            "Clicks",
+            [("Add click layers", self.add_click_layers), ("Refine from clicks", self.refine_from_clicks)],
+        )
+        propagate = self._group(
+            "Propagate",
+            [
+                ("Copy to next slice", lambda: self.propagate(+1)),
+                ("Copy to previous slice", lambda: self.propagate(-1)),
+                ("Interpolate between reviewed", self.interpolate_reviewed),
+            ],
+        )
+        self.min_voxels = QSpinBox()
+        self.min_voxels.setRange(1, 10_000_000)
+        self.min_voxels.setValue(50)
+        self.min_voxels.setSuffix(" voxels")
+        cleanup = self._group(
+            "Clean up",
+            [
+                ("Fill holes", self.fill_holes),
+                ("Remove islands smaller than", self.remove_islands),
+                ("Keep largest component", self.keep_largest),
+            ],
+            extra=self.min_voxels,
+        )
+        self.undo_button = QPushButton("Undo")
+        self.undo_button.clicked.connect(self.undo)
+        self.redo_button = QPushButton("Redo")
+        self.redo_button.clicked.connect(self.redo)
+        history = QHBoxLayout()
+        history.addWidget(self.undo_button)
+        history.addWidget(self.redo_button)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        self.status.setTextFormat(Qt.TextFormat.RichText)
+
+        form = QFormLayout()
+        form.addRow("Labels layer", self.labels_box)
+        form.addRow("", self.only_selected)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        for group in (review, clicks, propagate, cleanup):
+            layout.addWidget(group)
+        layout.addLayout(history)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._update_history_buttons()
+
+    def _group(
+        self, title: str, buttons: list[tuple[str, Callable[[], Any]]], extra: QWidget | None = None
+    ) -> QGroupBox:
+        box = QGroupBox(title)
+        grid = QGridLayout(box)
+        self.buttons = getattr(self, "buttons", {})
+        for index, (text, slot) in enumerate(buttons):
+            button = QPushButton(text)
+            button.clicked.connect(lambda _checked=False, slot=slot: slot())
+            grid.addWidget(button, index // 2, index % 2)
+            self.buttons[text] = button
+        if extra is not None:
+            grid.addWidget(extra, (len(buttons) + 1) // 2, 0, 1, 2)
+        return box
+
+    def _refresh_layers(self, event: Any = None) -> None:
+        """List the Labels layers; a newly added one (e.g. a segmentation just made) becomes the chosen one."""
+        current = self.labels_box.currentText()
+        added = getattr(event, "value", None)
+        if getattr(event, "type", "") == "inserted" and isinstance(added, Labels):
+            current = added.name
+        self.labels_box.blockSignals(True)
+        self.labels_box.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels):
+                self.labels_box.addItem(layer.name)
+        index = self.labels_box.findText(current)
+        self.labels_box.setCurrentIndex(index if index >= 0 else self.labels_box.count() - 1)
+        self.labels_box.blockSignals(False)
+        self._show_review()
+
+    # ----------------------------------------------------------------------------------------- the layer
+
+    def labels_layer(self) -> Labels:
+        """The chosen Labels layer; ValueError when there is none."""
+        name = self.labels_box.currentText()
+        if not name or name not in self.viewer.layers:
+            raise ValueError("no Labels layer: segment an image first, or add a Labels layer")
+        layer = self.viewer.layers[name]
+        if np.asarray(layer.data).ndim != 3:
+            raise ValueError(
+                f"layer {name!r} has shape {layer.data.shape}; the correction tools work on 3D label volumes"
+            )
+        return layer
+
+    def slice_axis_and_index(self, layer: Labels) -> tuple[int, int]:
+        """The layer axis napari slices through now (the first not displayed) and the current slice on it."""
+        offset = self.viewer.dims.ndim - layer.ndim
+        hidden = [axis - offset for axis in self.viewer.dims.not_displayed if axis - offset >= 0]
+        if not hidden:
+            raise ValueError("napari shows the volume in 3D; switch to 2D view to work slice by slice")
+        axis = hidden[0]
+        data_point = layer.world_to_data(self.viewer.dims.point)
+        index = round(float(data_point[axis]))
+        if not 0 <= index < layer.data.shape[axis]:
+            raise ValueError(f"the current slice {index} lies outside layer {layer.name!r}")
+        return axis, index
+
+    def _selected_label(self, layer: Labels) -> int | None:
+        return int(layer.selected_label) if self.only_selected.isChecked() else None
+
+    # ------------------------------------------------------------------------------------------- review
+
+    def review_state(self, layer: Labels, axis: int) -> ReviewState:
+        """The layer's review state along ``axis`` (a new one when none is stored or it was for another axis)."""
+        record = layer.metadata.get(REVIEW_METADATA_KEY)
+        if record is not None:
+            state = ReviewState.from_dict(record)
+            if state.axis == axis:
+                state.check_fits(layer.data.shape)
+                return state
+        return ReviewState.for_shape(layer.data.shape, axis)
+
+    def _store_review(self, layer: Labels, state: ReviewState) -> None:
+        layer.metadata = {**layer.metadata, REVIEW_METADATA_KEY: state.to_dict()}
+        self._show_review()
+
+    def mark_reviewed(self) -> None:
+        """Mark the current slice as reviewed (stored in the layer's metadata)."""
+        self._guarded(lambda: self._set_review(True))
+
+    def unmark_reviewed(self) -> None:
+        """Mark the current slice as not reviewed."""
+        self._guarded(lambda: self._set_review(False))
+
+    def _set_review(self, reviewed: bool) -> None:
+        layer = self.labels_layer()
+        axis, index = self.slice_axis_and_index(layer)
+        state = self.review_state(layer, axis)
+        state.mark(index) if reviewed else state.unmark(index)
+        self._store_review(layer, state)
+
+    def go_to_next_unreviewed(self) -> None:
+        """Move napari to the next slice not yet reviewed."""
+
+        def go() -> None:
+            layer = self.labels_layer()
+            axis, index = self.slice_axis_and_index(layer)
+            target = self.review_state(layer, axis).next_unreviewed(index)
+            if target is None:
+                self._say("every slice is reviewed")
+                return
+            self._go_to_slice(layer, axis, target)
+
+        self._guarded(go)
+
+    def _go_to_slice(self, layer: Labels, axis: int, index: int) -> None:
+        offset = self.viewer.dims.ndim - layer.ndim
+        world = layer.data_to_world(np.eye(layer.ndim)[axis] * index)
+        self.viewer.dims.set_point(axis + offset, float(world[axis]))
+
+    def _show_review(self, *_: Any) -> None:
+        try:
+            layer = self.labels_layer()
+            axis, index = self.slice_axis_and_index(layer)
+            state = self.review_state(layer, axis)
+        except ValueError:
+            self.review_text.setText("")
+            return
+        mark = "reviewed" if state.is_reviewed(index) else "not reviewed"
+        done = state.num_slices - state.remaining
+        self.review_text.setText(
+            f"slice {index}: {mark}; {done} of {state.num_slices} reviewed, {state.remaining} remaining"
+        )
+
+    # ----------------------------------------------------------------------------------------- clicks
+
+    def add_click_layers(self) -> None:
+        """Add the positive and negative click Points layers on the Labels layer's grid."""
+
+        def add() -> None:
+            layer = self.labels_layer()
+            for name, colour in ((POSITIVE_CLICKS, "lime"), (NEGATIVE_CLICKS, "magenta")):
+                if name not in self.viewer.layers:
+                    self.viewer.add_points(
+                        np.empty((0, layer.ndim)),
+                        name=name,
+                        scale=layer.scale,
+                        translate=layer.translate,
+                        face_color=colour,
+                        size=4,
+                    )
+            self.viewer.layers.selection.active = self.viewer.layers[POSITIVE_CLICKS]
+            self.viewer.layers[POSITIVE_CLICKS].mode = "add"
+            self._say("click on what the label misses (positive) or on a wrong region (negative), then Refine")
+
+        self._guarded(add)
+
+    def refine_from_clicks(self) -> None:
+        """Add the model's region at positive clicks and remove regions at negative ones (selected label)."""
+
+        def refine() -> None:
+            layer = self.labels_layer()
+            positive, negative = self._clicks(layer)
+            if not positive and not negative:
+                raise ValueError("no clicks: press 'Add click layers' and click in the positive or negative layer")
+
+            def apply(probabilities: np.ndarray) -> None:
+                axis, _index = self.slice_axis_and_index(layer)
+                edit = refine_with_clicks(
+                    layer.data, probabilities, positive, negative, int(layer.selected_label), axis=axis
+                )
+                self._apply(layer, edit)
+                for name in (POSITIVE_CLICKS, NEGATIVE_CLICKS):
+                    self.viewer.layers[name].data = np.empty((0, layer.ndim))
+
+            self._with_probabilities(layer, apply)
+
+        self._guarded(refine)
+
+    def _clicks(self, layer: Labels) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        clicks = []
+        for name in (POSITIVE_CLICKS, NEGATIVE_CLICKS):
+            points = self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401 (no .get)
+            if not isinstance(points, Points):
+                clicks.append([])
+                continue
+            world = [points.data_to_world(p) for p in points.data]
+            clicks.append([np.asarray(layer.world_to_data(p)) for p in world])
+        return clicks[0], clicks[1]
+
+    def _with_probabilities(self, layer: Labels, then: Callable[[np.ndarray], None]) -> None:
+        """Call ``then(probabilities)`` now when cached, else after the model has computed them in a worker."""
+        cached = self.probabilities.get(_key(layer))
+        if cached is not None and cached.shape[1:] == layer.data.shape:
+            then(cached)
+            return
+        record = layer.metadata.get(RESULT_KEY)
+        if not record:
+            raise ValueError(
+                f"layer {layer.name!r} was not made by the Segment widget, so no model is known for it: segment the "
+                "image with the Segment widget first (or correct with napari's brush)"
+            )
+        missing = [name for name in record["image_layers"] if name not in self.viewer.layers]
+        if missing:
+            raise ValueError(f"the image layers {missing} this segmentation came from are gone; open them again")
+        model_input = model_input_from_layers([self.viewer.layers[name] for name in record["image_layers"]])
+        if model_input.image.shape[1:] != layer.data.shape:
+            raise ValueError(
+                f"layer {layer.name!r} has shape {layer.data.shape} but its image {model_input.image.shape[1:]}; "
+                "the correction tools need labels on the image's grid"
+            )
+        if self.worker is not None:
+            raise ValueError("the model is still computing; wait for it to finish")
+        job = segmentation_job(record["model"], "auto", model_input, probabilities=True)
+        self._say("computing the model's probabilities (once per layer)…")
+
+        def store(result: Any) -> None:
+            self.probabilities[_key(layer)] = result.probabilities
+            self._guarded(lambda: then(result.probabilities))
+
+        self.worker = start_job(
+            job,
+            on_progress=lambda update: self._say(f"model: {update.stage} {update.message}"),
+            on_result=store,
+            on_failure=lambda error: self._fail(str(error) or type(error).__name__),
+            on_finished=self._job_finished,
+        )
+
+    def _job_finished(self) -> None:
+        self.worker = None
+
+    # --------------------------------------------------------------------------------------- propagate
+
+    def propagate(self, step: int) -> None:
+        """Copy the current slice's labels onto the next (``step=+1``) or previous (-1) slice and go there."""
+
+        def copy() -> None:
+            layer = self.labels_layer()
+            axis, index = self.slice_axis_and_index(layer)
+            target = index + step
+            if not 0 <= target < layer.data.shape[axis]:
+                raise ValueError(f"slice {index} is the {'last' if step > 0 else 'first'} one; nothing to copy onto")
+            cached = self.probabilities.get(_key(layer))
+            probabilities = cached if cached is not None and cached.shape[1:] == layer.data.shape else None
+            edit = propagate_slice(
+                layer.data, axis, index, target, probabilities=probabilities, label=self._selected_label(layer)
+            )
+            self._apply(layer, edit)
+            self._go_to_slice(layer, axis, target)
+
+        self._guarded(copy)
+
+    def interpolate_reviewed(self) -> None:
+        """Shape-interpolate every gap between two consecutive reviewed slices (one undo step)."""
+
+        def interpolate() -> None:
+            layer = self.labels_layer()
+            axis, _index = self.slice_axis_and_index(layer)
+            reviewed = sorted(self.review_state(layer, axis).reviewed)
+            pairs = [(a, b) for a, b in itertools.pairwise(reviewed) if b - a > 1]
+            if not pairs:
+                raise ValueError("mark at least two slices reviewed with unreviewed slices between them")
+            result = np.array(layer.data, copy=True)
+            for start, end in pairs:
+                edit = interpolate_slices(result, axis, start, end, label=self._selected_label(layer))
+                if edit is not None:
+                    edit.apply(result)
+            self._apply(layer, Edit.between(layer.data, result, f"interpolate {len(pairs)} gap(s)"))
+
+        self._guarded(interpolate)
+
+    # ----------------------------------------------------------------------------------------- clean-up
+
+    def fill_holes(self) -> None:
+        """Fill the holes of each class (or the selected label), slice by slice."""
+
+        def run() -> None:
+            layer = self.labels_layer()
+            axis, _index = self.slice_axis_and_index(layer)
+            self._apply(layer, fill_holes(layer.data, label=self._selected_label(layer), axis=axis))
+
+        self._guarded(run)
+
+    def remove_islands(self) -> None:
+        """Remove the connected pieces smaller than the chosen number of voxels."""
+
+        def run() -> None:
+            layer = self.labels_layer()
+            edit = remove_small_islands(layer.data, self.min_voxels.value(), label=self._selected_label(layer))
+            self._apply(layer, edit)
+
+        self._guarded(run)
+
+    def keep_largest(self) -> None:
+        """Keep only the largest connected component of each class (or the selected label)."""
+
+        def run() -> None:
+            layer = self.labels_layer()
+            self._apply(layer, keep_largest_component(layer.data, label=self._selected_label(layer)))
+
+        self._guarded(run)
+
+    # ----------------------------------------------------------------------------------------- history
+
+    def _stack(self, layer: Labels) -> UndoStack:
+        return self.undo_stacks.setdefault(_key(layer), UndoStack())
+
+    def _apply(self, layer: Labels, edit: Edit | None) -> None:
+        if edit is None:
+            self._say("nothing changed")
+            return
+        self._stack(layer).apply(layer.data, edit)
+        layer.refresh()
+        self._say(f"{edit.description} ({edit.num_changed} voxels)")
+        self._update_history_buttons()
+
+    def undo(self) -> None:
+        """Undo the last operation of this widget on the chosen layer."""
+        self._guarded(lambda: self._step_history(undo=True))
+
+    def redo(self) -> None:
+        """Redo the last undone operation."""
+        self._guarded(lambda: self._step_history(undo=False))
+
+    def _step_history(self, *, undo: bool) -> None:
+        layer = self.labels_layer()
+        stack = self._stack(layer)
+        edit = stack.undo(layer.data) if undo else stack.redo(layer.data)
+        if edit is None:
+            self._say(f"nothing to {'undo' if undo else 'redo'}")
+            return
+        layer.refresh()
+        self._say(f"{'undone' if undo else 'redone'}: {edit.description}")
+        self._update_history_buttons()
+
+    def _update_history_buttons(self) -> None:
+        try:
+            stack = self._stack(self.labels_layer())
+        except ValueError:
+            stack = UndoStack()
+        self.undo_button.setEnabled(stack.can_undo)
+        self.redo_button.setEnabled(stack.can_redo)
+
+    # ----------------------------------------------------------------------------------------- messages
+
+    def _guarded(self, action: Callable[[], Any]) -> None:
+        """Run ``action``; a ValueError becomes a message in the widget and a notification, nothing changed."""
+        try:
+            action()
+        except ValueError as error:
+            self._fail(str(error))
+
+    def _say(self, message: str) -> None:
+        self.status.setText(html.escape(message, quote=False))
+
+    def _fail(self, message: str) -> None:
+        self.status.setText(f"<span style='color:#e06c6c'>{html.escape(message, quote=False)}</span>")
+        show_error(f"Mamba Segmentation: {message}")
+
+
+def _key(layer: Labels) -> str:
+    """A layer's identity across napari's proxies (plugin widgets get a new proxy object on every access)."""
+    return str(layer.unique_id)

@@ -1,0 +1,197 @@
+"""The Correct widget, opened through the manifest: each tool changes the Labels layer as the core function says,
+Undo restores it bit for bit, the review state is stored with the layer, and bad input changes nothing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from napari_mamba_seg.interactive import REVIEW_METADATA_KEY
+
+PLUGIN = "napari-mamba-seg"
+SCALE = (2.0, 0.5, 0.5)
+SHAPE = (8, 40, 40)
+
+pytestmark = pytest.mark.gui
+
+
+def _disk(radius: float, centre=(20, 20), size=40) -> np.ndarray:
+    y, x = np.mgrid[:size, :size]
+    return (y - centre[0]) ** 2 + (x - centre[1]) ** 2 <= radius**2
+
+
+def _open(make_napari_viewer, labels: np.ndarray, name: str = "mask"):
+    viewer = make_napari_viewer()
+    layer = viewer.add_labels(labels, name=name, scale=SCALE)
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
+    widget.labels_box.setCurrentIndex(widget.labels_box.findText(name))
+    return viewer, layer, widget
+
+
+def _go(viewer, layer, index: int) -> None:
+    viewer.dims.set_point(0, index * layer.scale[0])
+
+
+def _click(widget, text: str) -> None:
+    widget.buttons[text].click()
+
+
+def test_fill_holes_then_undo_and_redo(make_napari_viewer) -> None:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3] = _disk(10) & ~_disk(3)
+    viewer, layer, widget = _open(make_napari_viewer, labels.copy())
+    _go(viewer, layer, 3)
+    _click(widget, "Fill holes")
+    np.testing.assert_array_equal(layer.data[3], _disk(10).astype(np.uint8))
+    assert widget.undo_button.isEnabled()
+    widget.undo_button.click()
+    np.testing.assert_array_equal(layer.data, labels)
+    widget.redo_button.click()
+    np.testing.assert_array_equal(layer.data[3], _disk(10).astype(np.uint8))
+
+
+def test_remove_islands_and_keep_largest(make_napari_viewer) -> None:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:5, 5:15, 5:15] = 1  # 300 voxels
+    labels[6, 30:32, 30:32] = 1  # 4 voxels
+    labels[1, 30:35, 30:35] = 2  # 25 voxels, another class
+    _viewer, layer, widget = _open(make_napari_viewer, labels.copy())
+    widget.min_voxels.setValue(10)
+    _click(widget, "Remove islands smaller than")
+    expected = labels.copy()
+    expected[6, 30:32, 30:32] = 0
+    np.testing.assert_array_equal(layer.data, expected)
+    widget.undo_button.click()
+    np.testing.assert_array_equal(layer.data, labels)
+
+    _click(widget, "Keep largest component")  # one component per class already except class 1's island
+    np.testing.assert_array_equal(layer.data, expected)
+
+
+def test_mark_unmark_and_next_unreviewed(make_napari_viewer) -> None:
+    viewer, layer, widget = _open(make_napari_viewer, np.zeros(SHAPE, np.uint8))
+    for index in (0, 1, 3):
+        _go(viewer, layer, index)
+        _click(widget, "Mark slice reviewed")
+    assert layer.metadata[REVIEW_METADATA_KEY]["reviewed"] == [0, 1, 3]
+    assert "3 of 8 reviewed, 5 remaining" in widget.review_text.text()
+    _click(widget, "Unmark")
+    assert layer.metadata[REVIEW_METADATA_KEY]["reviewed"] == [0, 1]
+    _go(viewer, layer, 0)
+    _click(widget, "Next unreviewed")
+    assert viewer.dims.current_step[0] == 2
+    assert "slice 2: not reviewed" in widget.review_text.text()
+
+
+def test_propagate_to_the_next_slice_and_interpolate(make_napari_viewer) -> None:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1] = _disk(4)
+    labels[5] = _disk(12)
+    viewer, layer, widget = _open(make_napari_viewer, labels.copy())
+    _go(viewer, layer, 1)
+    _click(widget, "Copy to next slice")
+    np.testing.assert_array_equal(layer.data[2], labels[1])
+    assert viewer.dims.current_step[0] == 2  # napari follows the copy
+    widget.undo_button.click()
+    np.testing.assert_array_equal(layer.data, labels)
+
+    for index in (1, 5):
+        _go(viewer, layer, index)
+        _click(widget, "Mark slice reviewed")
+    _click(widget, "Interpolate between reviewed")
+    areas = [int(layer.data[i].sum()) for i in range(1, 6)]
+    assert areas == sorted(areas) and len(set(areas)) == 5  # grows steadily from the small to the large disk
+    widget.undo_button.click()  # one undo step for the whole interpolation
+    np.testing.assert_array_equal(layer.data, labels)
+
+
+def test_bad_input_changes_nothing(make_napari_viewer) -> None:
+    viewer, layer, widget = _open(make_napari_viewer, np.zeros(SHAPE, np.uint8))
+    layer.data[2] = _disk(5)
+    before = layer.data.copy()
+    _click(widget, "Interpolate between reviewed")
+    assert "mark at least two slices" in widget.status.text()
+    _click(widget, "Add click layers")
+    viewer.layers["positive clicks"].add([2, 10, 10])
+    _click(widget, "Refine from clicks")
+    assert "not made by the Segment widget" in widget.status.text()
+    np.testing.assert_array_equal(layer.data, before)
+
+    flat = viewer.add_labels(np.zeros((40, 40), np.uint8), name="flat")
+    widget.labels_box.setCurrentIndex(widget.labels_box.findText(flat.name))
+    _click(widget, "Fill holes")
+    assert "3D label volumes" in widget.status.text()
+
+
+def test_clicks_refine_a_segmentation_with_the_models_probabilities(make_napari_viewer, qtbot, tmp_path) -> None:
+    import torch
+
+    from napari_mamba_seg.bundles import ModelCard, save_bundle
+    from napari_mamba_seg.models import create_model
+
+    torch.manual_seed(0)
+    bundle = tmp_path / "tiny"
+    save_bundle(create_model("test_unet", in_channels=1, num_classes=2), bundle, ModelCard(class_names=["bg", "fg"]))
+    viewer = make_napari_viewer()
+    image = viewer.add_image(np.random.default_rng(0).random(SHAPE, dtype=np.float32), name="scan", scale=SCALE)
+    _dock, segment = viewer.window.add_plugin_dock_widget(PLUGIN, "Segment")
+    segment.add_bundle_folder(str(bundle))
+    segment.device_box.setCurrentIndex(segment.device_box.findData("cpu"))
+    segment.layer_list.item(0).setSelected(True)
+    segment.run_button.click()
+    qtbot.waitUntil(lambda: segment.worker is None, timeout=60_000)
+    labels = viewer.layers[-1]
+    assert labels.name == f"{image.name} · tiny"
+    labels.data[:] = 0
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
+    widget.labels_box.setCurrentIndex(widget.labels_box.findText(labels.name))
+    viewer.dims.set_point(0, 4 * SCALE[0])
+    _click(widget, "Add click layers")
+    viewer.layers["positive clicks"].add([4, 20, 20])  # data coordinates of the click layer (the labels grid)
+    labels.selected_label = 1
+    _click(widget, "Refine from clicks")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert labels.data[4, 20, 20] == 1, widget.status.text()  # the clicked voxel and the model region around it
+    region = ndimage.label(labels.data[4] == 1)[0]
+    assert region[20, 20] > 0 and (labels.data[:4] == 0).all() and (labels.data[5:] == 0).all()
+    assert len(viewer.layers["positive clicks"].data) == 0  # clicks are consumed
+    widget.undo_button.click()
+    assert not labels.data.any()
+
+
+def test_a_new_labels_layer_becomes_the_chosen_one(make_napari_viewer) -> None:
+    viewer, _layer, widget = _open(make_napari_viewer, np.zeros(SHAPE, np.uint8))
+    viewer.add_image(np.zeros(SHAPE), name="scan")
+    assert widget.labels_box.currentText() == "mask"  # an image layer changes nothing
+    viewer.add_labels(np.zeros(SHAPE, np.uint8), name="new segmentation")
+    assert widget.labels_box.currentText() == "new segmentation"
+    viewer.layers.remove("new segmentation")
+    assert widget.labels_box.currentText() == "mask"
+
+
+def test_labels_off_the_image_grid_are_refused_for_click_refinement(make_napari_viewer) -> None:
+    from napari_mamba_seg._napari._segment_widget import RESULT_KEY
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((8, 32, 32), np.float32), name="scan", scale=SCALE)
+    record = {"model": "breast-dce", "model_sha256": "", "image_layers": ["scan"]}
+    layer = viewer.add_labels(np.zeros(SHAPE, np.uint8), name="mask", scale=SCALE, metadata={RESULT_KEY: record})
+    _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
+    viewer.dims.set_point(0, 2 * SCALE[0])
+    _click(widget, "Add click layers")
+    viewer.layers["positive clicks"].add([2, 10, 10])
+    _click(widget, "Refine from clicks")
+    assert "need labels on the image's grid" in widget.status.text()
+    assert widget.worker is None and not layer.data.any()
+
+
+def test_keep_largest_component_and_undo(make_napari_viewer) -> None:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[2:5, 5:15, 5:15] = 1
+    labels[6, 30:34, 30:34] = 1
+    _viewer, layer, widget = _open(make_napari_viewer, labels.copy())
+    _click(widget, "Keep largest component")
+    assert layer.data.sum() == 300 and not layer.data[6].any()
+    widget.undo_button.click()
+    np.testing.assert_array_equal(layer.data, labels)

@@ -94,34 +94,31 @@ _SARCOMA_TEXT = (
 )
 _SARCOMA_LICENSE = "CC-BY-3.0 (training data: TCIA Soft-tissue-Sarcoma via IBSI)"
 
+_SARCOMA_BUDGET: dict[str, Any] = {
+    "data": "sarcoma",
+    "steps": 8000,
+    "batch_size": 16,
+    "patch_size": (192, 192),
+    "modality": "MR, T1-weighted (extremity soft-tissue sarcoma, cropped around the tumour)",
+    "license": _SARCOMA_LICENSE,
+    "training_data": _SARCOMA_TEXT,
+    "class_names": ["background", "tumour"],
+    "channel_names": ["T1"],
+}
+"""What mr-tumour and its U-Net baseline share: data, split, budget and card texts."""
+
 RECIPES: dict[str, Recipe] = {
     "mr-tumour": Recipe(
         arch="umamba_bot",
         overrides={"features": (16, 32, 64, 128, 256), "strides": (1, 2, 2, 2, 2)},
-        data="sarcoma",
-        steps=8000,
-        batch_size=16,
-        patch_size=(192, 192),
-        modality="MR, T1-weighted (extremity soft-tissue sarcoma, cropped around the tumour)",
-        license=_SARCOMA_LICENSE,
-        training_data=_SARCOMA_TEXT,
         description="Tumour (GTV) segmentation in T1-weighted MR: U-Mamba-Bot, 5 stages of 16-256 channels.",
-        class_names=["background", "tumour"],
-        channel_names=["T1"],
+        **_SARCOMA_BUDGET,
     ),
     "mr-tumour-unet": Recipe(
         arch="unet",
         overrides={"widths": (16, 32, 64, 128, 256)},
-        data="sarcoma",
-        steps=8000,
-        batch_size=16,
-        patch_size=(192, 192),
-        modality="MR, T1-weighted (extremity soft-tissue sarcoma, cropped around the tumour)",
-        license=_SARCOMA_LICENSE,
-        training_data=_SARCOMA_TEXT,
         description="U-Net baseline of mr-tumour (same data, split, steps, batch and patch size).",
-        class_names=["background", "tumour"],
-        channel_names=["T1"],
+        **_SARCOMA_BUDGET,
     ),
     "breast-dce": Recipe(
         arch="ultralight_vm_unet",

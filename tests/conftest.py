@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # The user's own bundles (napari_mamba_seg.bundles.user_bundle_root) must not leak into the tests: point the
     # folder at an empty place; tests that need user bundles monkeypatch it to a tmp_path.
     os.environ["NAPARI_MAMBA_SEG_MODELS"] = str(Path(config.rootpath) / ".pytest-no-user-bundles")
+    # Likewise the recovery journals of the widgets: never in the user's real folder.
+    os.environ["NAPARI_MAMBA_SEG_RECOVERY"] = tempfile.mkdtemp(prefix="napari-mamba-seg-recovery-")
     # Import triton before any test creates an OpenGL context: with Mesa, a first `import triton`
     # after that crashes the whole test process (see kernels/_triton_import.py;
     # tests/test_manifest.py::test_backends_widget_after_opengl_in_a_fresh_process covers the real order).

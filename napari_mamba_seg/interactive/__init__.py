@@ -24,24 +24,43 @@ Tools:
   between two annotated slices);
 * :func:`refine_with_clicks` (positive and negative clicks on the model's probabilities);
 * :class:`ReviewState` (reviewed slices; its ``trusted_mask`` is what fine-tuning trains on);
-* :class:`Edit` and :class:`UndoStack`.
+* :class:`Edit` and :class:`UndoStack`;
+* :class:`CorrectionJournal` (crash-safe autosave of the edits and the review state, restored after a crash).
 """
 
 from napari_mamba_seg.interactive.cleanup import fill_holes, keep_largest_component, remove_small_islands
 from napari_mamba_seg.interactive.clicks import DEFAULT_MIN_CLICK_PROBABILITY, refine_with_clicks
 from napari_mamba_seg.interactive.edits import DEFAULT_UNDO_BYTES, Edit, UndoStack
+from napari_mamba_seg.interactive.journal import (
+    RECOVERY_ROOT_ENV,
+    CorrectionJournal,
+    JournalError,
+    JournalInfo,
+    RestoredCorrections,
+    default_recovery_root,
+    discard_journal,
+    journal_key,
+)
 from napari_mamba_seg.interactive.propagation import interpolate_slices, propagate_slice
 from napari_mamba_seg.interactive.review import REVIEW_METADATA_KEY, ReviewState
 
 __all__ = [
     "DEFAULT_MIN_CLICK_PROBABILITY",
     "DEFAULT_UNDO_BYTES",
+    "RECOVERY_ROOT_ENV",
     "REVIEW_METADATA_KEY",
+    "CorrectionJournal",
     "Edit",
+    "JournalError",
+    "JournalInfo",
+    "RestoredCorrections",
     "ReviewState",
     "UndoStack",
+    "default_recovery_root",
+    "discard_journal",
     "fill_holes",
     "interpolate_slices",
+    "journal_key",
     "keep_largest_component",
     "propagate_slice",
     "refine_with_clicks",

@@ -1,0 +1,407 @@
+"""Fine-tune a model bundle on a clinician's corrections, with a safety net.
+
+Only the reviewed slices count: a study's labels are trusted on its reviewed slices and nowhere else, so an
+unreviewed voxel contributes no gradient (it is ignored, not taken as background). A share of each study's reviewed
+slices is held out of the fine-tune; the parent and the fine-tuned model are both scored on them (Dice over the
+held-out slices), and the new version is *activated* only when it is not worse there. Either way it is written as a
+new bundle version (never over another file), with its parent, the studies and slices used (hashes), the settings and
+both scores in its card and in ``provenance.json``.
+
+Example:
+    >>> study = CorrectedStudy(image, labels, ReviewState(axis=0, num_slices=60, reviewed={10, 20, 30}), spacing)
+    >>> outcome = finetune("breast-dce", [study], FineTuneSettings(steps=60), progress=print)
+    >>> version = save_version(outcome, versions_root())   # user bundles folder; activated if not worse
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from napari_mamba_seg._durable import fsync_directory, write_durably
+from napari_mamba_seg._generators import CancelSignal
+from napari_mamba_seg.bundles import ModelCard, load_bundle, save_bundle, user_bundle_root
+from napari_mamba_seg.inference.predictor import slice_axis_for
+from napari_mamba_seg.interactive.review import ReviewState
+from napari_mamba_seg.models import get_model_entry
+from napari_mamba_seg.training.augmentation import AugmentationConfig
+from napari_mamba_seg.training.cases import TrainingCase
+from napari_mamba_seg.training.evaluation import MEAN_DICE
+from napari_mamba_seg.training.trainer import Trainer, TrainingConfig, TrainingProgress
+
+__all__ = [
+    "CorrectedStudy",
+    "FineTuneOutcome",
+    "FineTuneSettings",
+    "ModelVersions",
+    "finetune",
+    "save_version",
+    "split_reviewed_slices",
+    "versions_root",
+]
+
+PROVENANCE_FILE = "provenance.json"
+VERSIONS_FILE = "versions.json"
+
+
+@dataclass
+class CorrectedStudy:
+    """One corrected study: the image, the corrected labels and which slices the clinician reviewed.
+
+    Attributes:
+        image: ``(C, *spatial)`` image, as the model takes it.
+        labels: ``(*spatial)`` corrected labels.
+        review: The reviewed slices (only they are trusted).
+        spacing: Voxel size in mm (array order), or None.
+        name: A name for messages and the provenance record.
+    """
+
+    image: np.ndarray
+    labels: np.ndarray
+    review: ReviewState
+    spacing: tuple[float, ...] | None = None
+    name: str = "study"
+
+    def __post_init__(self) -> None:
+        """Check that the labels and the review state fit the image."""
+        self.image, self.labels = np.asarray(self.image), np.asarray(self.labels)
+        if self.labels.shape != self.image.shape[1:]:
+            raise ValueError(
+                f"study {self.name!r}: labels of shape {self.labels.shape} do not fit the image {self.image.shape} "
+                "(channels first); the labels must lie on the image's voxel grid"
+            )
+        self.review.check_fits(self.labels.shape)
+
+
+@dataclass
+class FineTuneSettings:
+    """How to fine-tune.
+
+    Attributes:
+        steps: Optimizer steps.
+        lr: Peak learning rate (AdamW, short warm-up, cosine); lower than for training from scratch.
+        batch_size: Patches per step.
+        augment: Augment the patches (flips, rotations, intensity...) or not.
+        holdout_every: Hold out every ``holdout_every``-th reviewed slice of each study (sorted, starting with the
+            second one) for the before/after check; a study with one reviewed slice holds out none.
+        tolerance: Activate the new version when its held-out mean Dice is at least the parent's minus this.
+        seed: Seed of the patches and the augmentation.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+    """
+
+    steps: int = 60
+    lr: float = 2e-4
+    batch_size: int = 2
+    augment: bool = True
+    holdout_every: int = 3
+    tolerance: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        """Check the values."""
+        if self.holdout_every < 2:
+            raise ValueError(f"holdout_every must be >= 2 (some reviewed slices must train), got {self.holdout_every}")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+
+
+@dataclass
+class FineTuneOutcome:
+    """The result of :func:`finetune` (nothing written yet; see :func:`save_version`).
+
+    Attributes:
+        model: The fine-tuned model (None when cancelled).
+        card: Its card: parent and parent hash, settings, studies and both scores.
+        before: Held-out mean Dice of the parent (nan without held-out slices).
+        after: Held-out mean Dice of the fine-tuned model.
+        activate: Whether the safety net accepts the new version.
+        reason: Why (or why not), for the user.
+        provenance: The studies and slices used (with hashes) and the settings, as JSON.
+        cancelled: The fine-tune was cancelled (nothing to save).
+        history: Loss per step: ``(step, loss)``.
+    """
+
+    model: nn.Module | None
+    card: ModelCard | None
+    before: float
+    after: float
+    activate: bool
+    reason: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    cancelled: bool = False
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+
+def split_reviewed_slices(review: ReviewState, holdout_every: int) -> tuple[list[int], list[int]]:
+    """``(train, holdout)`` reviewed slice indices: every ``holdout_every``-th one from the second is held out."""
+    reviewed = sorted(review.reviewed)
+    holdout = reviewed[1::holdout_every] if len(reviewed) >= 2 else []
+    return [i for i in reviewed if i not in holdout], holdout
+
+
+def _trusted(review: ReviewState, slices: Sequence[int], shape: tuple[int, ...]) -> np.ndarray:
+    return ReviewState(review.axis, review.num_slices, set(slices)).trusted_mask(shape)
+
+
+def finetune(
+    source: str | os.PathLike[str],
+    studies: Sequence[CorrectedStudy],
+    settings: FineTuneSettings | None = None,
+    *,
+    progress: Callable[[TrainingProgress], None] | None = None,
+    cancel: CancelSignal = None,
+) -> FineTuneOutcome:
+    """Fine-tune the bundle ``source`` on the reviewed slices of ``studies`` and score it against its parent.
+
+    Args:
+        source: A bundle name or folder.
+        studies: The corrected studies.
+        settings: How to fine-tune; None = defaults.
+        progress: Called with every :class:`TrainingProgress` (``stage == "train"`` carries the loss).
+        cancel: Stops before the next step; the outcome is then ``cancelled`` and holds no model.
+
+    Returns:
+        The :class:`FineTuneOutcome`.
+
+    Raises:
+        ValueError: No study, no reviewed slice to train on, or a study that does not fit the model.
+    """
+    settings = settings or FineTuneSettings()
+    if not studies:
+        raise ValueError("no study to fine-tune on: correct and review some slices first")
+    bundle = load_bundle(source)
+    slice_wise = get_model_entry(bundle.card.architecture).spatial_dims == 2 and not bundle.card.resample
+    train_cases, holdout_cases, used = _cases(studies, settings, slice_wise=slice_wise)
+    if not train_cases:
+        raise ValueError("no reviewed slice to train on: mark the slices you corrected as reviewed")
+    config = TrainingConfig(
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        warmup_steps=min(10, settings.steps // 5),
+        val_every=0,
+        checkpoint_every=0,
+        seed=settings.seed,
+        device=settings.device,
+        foreground_fraction=0.5,
+        augmentation=AugmentationConfig() if settings.augment else AugmentationConfig.none(),
+    )
+    provenance = {"parent": _parent_name(bundle.folder), "parent_sha256": bundle.card.sha256, "studies": used}
+    provenance["settings"] = dataclasses.asdict(settings)
+    card = bundle.fine_tuned_card(training_data=_training_text(bundle.card, used))
+    trainer = Trainer(bundle.model, card, train_cases, holdout_cases or None, config)
+    before = _mean_dice(trainer) if holdout_cases else math.nan
+    history: list[tuple[int, float]] = []
+
+    def record(update: TrainingProgress) -> None:
+        if update.stage == "train" and update.loss is not None:
+            history.append((update.step, float(update.loss)))
+        if progress is not None:
+            progress(update)
+
+    result = trainer.train(progress=record, cancel=cancel)
+    if result.cancelled:
+        return FineTuneOutcome(None, None, before, math.nan, False, "cancelled", provenance, True, history)
+    after = float(trainer.last_metrics.get(MEAN_DICE, math.nan)) if holdout_cases else math.nan  # end-of-run check
+    activate, reason = _safety_decision(before, after, settings.tolerance)
+    metrics = {"holdout_mean_dice_before": before, "holdout_mean_dice_after": after, "steps": settings.steps}
+    card = dataclasses.replace(
+        trainer.card, metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+    )
+    return FineTuneOutcome(trainer.model.eval(), card, before, after, activate, reason, provenance, False, history)
+
+
+def _cases(
+    studies: Sequence[CorrectedStudy], settings: FineTuneSettings, *, slice_wise: bool
+) -> tuple[list[TrainingCase], list[TrainingCase], list[dict[str, Any]]]:
+    """Training cases (trusted on the training slices) and held-out cases (trusted on the held-out slices).
+
+    With ``slice_wise`` (a 2D model that slices along the review axis), each case holds only its own slices: the
+    model sees exactly the same 2D inputs, and validating a held-out slice costs one slice, not the volume.
+    """
+    train_cases, holdout_cases, used = [], [], []
+    for study in studies:
+        train, holdout = split_reviewed_slices(study.review, settings.holdout_every)
+        along_review_axis = slice_wise and slice_axis_for(study.spacing) == study.review.axis
+        for slices, cases in ((train, train_cases), (holdout, holdout_cases)):
+            if slices:
+                cases.append(_case_of_slices(study, slices, cropped=along_review_axis))
+        used.append(
+            {
+                "name": study.name,
+                "image_sha256": _array_sha256(study.image),
+                "labels_sha256": _array_sha256(study.labels),
+                "axis": study.review.axis,
+                "train_slices": train,
+                "holdout_slices": holdout,
+            }
+        )
+    return train_cases, holdout_cases, used
+
+
+def _case_of_slices(study: CorrectedStudy, slices: list[int], *, cropped: bool) -> TrainingCase:
+    """A case trusted on ``slices`` only: those slices alone (``cropped``) or the whole study with a trust mask."""
+    axis = study.review.axis
+    if cropped:
+        image = np.take(study.image, slices, axis=axis + 1)
+        labels = np.take(study.labels, slices, axis=axis)
+        return TrainingCase(image, labels, None, study.spacing, study.name)
+    trusted = _trusted(study.review, slices, study.labels.shape)
+    return TrainingCase(study.image, study.labels, trusted, study.spacing, study.name)
+
+
+def _mean_dice(trainer: Trainer) -> float:
+    metrics = trainer.validate() or {}
+    return float(metrics.get(MEAN_DICE, math.nan))
+
+
+def _safety_decision(before: float, after: float, tolerance: float) -> tuple[bool, str]:
+    if math.isnan(before) or math.isnan(after):
+        return False, (
+            "kept but not activated: no reviewed slice was held out to check it (review at least two slices); "
+            "activate it yourself if its masks look better"
+        )
+    if after + 1e-9 >= before - tolerance:
+        return True, f"activated: held-out Dice {before:.3f} -> {after:.3f}"
+    return False, (
+        f"kept but not activated: the held-out Dice dropped from {before:.3f} to {after:.3f}; the previous model "
+        "stays active (more reviewed slices, or fewer steps, may help)"
+    )
+
+
+def _array_sha256(array: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _parent_name(folder: Path) -> str:
+    return folder.name
+
+
+def _training_text(parent: ModelCard, used: Sequence[dict[str, Any]]) -> str:
+    slices = sum(len(s["train_slices"]) for s in used)
+    names = ", ".join(s["name"] for s in used)
+    return f"fine-tuned on {slices} reviewed slice(s) of {len(used)} study(ies) ({names}); parent trained on: " + (
+        parent.training_data or "not stated"
+    )
+
+
+# -------------------------------------------------------------------------------------------------------- versions
+
+
+def versions_root() -> Path:
+    """Where fine-tuned versions go: the user's bundle folder (``list_user_bundles``/``load_bundle`` find them)."""
+    return user_bundle_root()
+
+
+def save_version(outcome: FineTuneOutcome, root: str | os.PathLike[str] | None = None) -> Path:
+    """Write the fine-tuned model as a new bundle version ``<lineage>-ft<N>`` (never over an existing folder) and
+    record it in ``versions.json``; make it the active version of its lineage when the safety net accepted it.
+
+    Returns:
+        The new bundle folder.
+
+    Raises:
+        ValueError: A cancelled outcome (nothing to save).
+    """
+    if outcome.cancelled or outcome.model is None or outcome.card is None:
+        raise ValueError("the fine-tune was cancelled: there is no model to save")
+    versions = ModelVersions(root if root is not None else versions_root())
+    lineage = _lineage(outcome.provenance["parent"])
+    folder = versions.new_folder(lineage)
+    save_bundle(outcome.model, folder, outcome.card)
+    record = {**outcome.provenance, "activated": outcome.activate, "reason": outcome.reason}
+    record |= {"holdout_mean_dice_before": _json_float(outcome.before)}
+    record |= {"holdout_mean_dice_after": _json_float(outcome.after)}
+    write_durably(folder / PROVENANCE_FILE, json.dumps(record, indent=2).encode())
+    versions.add(lineage, folder.name, outcome.provenance["parent"], activate=outcome.activate)
+    return folder
+
+
+def _json_float(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def _lineage(parent: str) -> str:
+    """``breast-dce-ft3`` -> ``breast-dce``: versions of versions stay in one lineage."""
+    return re.sub(r"-ft\d+$", "", Path(parent).name)
+
+
+class ModelVersions:
+    """The fine-tuned versions of each model lineage in a folder, and which one is active (``versions.json``).
+
+    A lineage is the name of the original bundle (e.g. ``breast-dce``); its versions are ``breast-dce-ft1``,
+    ``-ft2``... The active version of a lineage is the one the widgets use for it; the original is active until a
+    version is activated.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def _read(self) -> dict[str, Any]:
+        path = self.root / VERSIONS_FILE
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} is damaged ({error}); move it away to start a new version list") from error
+
+    def _write(self, record: dict[str, Any]) -> None:
+        """Replace ``versions.json`` atomically: a new file written durably, then renamed over the old one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        temporary = self.root / f".{VERSIONS_FILE}.{os.getpid()}.tmp"
+        temporary.unlink(missing_ok=True)
+        write_durably(temporary, json.dumps(record, indent=2).encode())
+        os.replace(temporary, self.root / VERSIONS_FILE)
+        fsync_directory(self.root)
+
+    def new_folder(self, lineage: str) -> Path:
+        """A folder name for the next version of ``lineage`` that does not exist yet."""
+        number = 1
+        while (self.root / f"{lineage}-ft{number}").exists():
+            number += 1
+        return self.root / f"{lineage}-ft{number}"
+
+    def add(self, lineage: str, version: str, parent: str, *, activate: bool) -> None:
+        """Record a new version (and make it active when ``activate``)."""
+        record = self._read()
+        entry = record.setdefault(lineage, {"active": lineage, "versions": []})
+        entry["versions"].append(
+            {"name": version, "parent": parent, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        )
+        if activate:
+            entry["active"] = version
+        self._write(record)
+
+    def versions(self, lineage: str) -> list[str]:
+        """The lineage's original name then its versions, oldest first."""
+        entry = self._read().get(lineage, {"versions": []})
+        return [lineage] + [v["name"] for v in entry["versions"]]
+
+    def active(self, lineage: str) -> str:
+        """The active version of ``lineage`` (the original when none was activated)."""
+        return self._read().get(lineage, {}).get("active", lineage)
+
+    def activate(self, lineage: str, version: str) -> None:
+        """Make ``version`` (or the original, ``lineage``) the active one."""
+        if version not in self.versions(lineage):
+            raise ValueError(f"{version!r} is not a version of {lineage!r}; versions: {self.versions(lineage)}")
+        record = self._read()
+        record.setdefault(lineage, {"active": lineage, "versions": []})["active"] = version
+        self._write(record)

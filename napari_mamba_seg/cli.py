@@ -6,6 +6,7 @@ Subcommands:
     models    list the registered architectures, the bundled and the user's model bundles
     predict   segment NIfTI/TIFF files and DICOM folders with a model bundle
     train     train or fine-tune a model on an nnU-Net v2 raw data set folder (napari_mamba_seg._cli_training)
+    finetune  fine-tune a model bundle on corrected, reviewed slices of studies (napari_mamba_seg._cli_finetune)
     evaluate  per-case and mean Dice (and HD95) of a model bundle on an nnU-Net v2 raw data set folder
 
 Heavy imports (torch, napari, Qt) happen inside the subcommands, so ``--help`` is instant.
@@ -293,9 +294,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(handler=run_models)
     _add_predict_parser(subcommands)
-    from napari_mamba_seg._cli_training import add_evaluate_parser, add_train_parser  # standard library only
+    from napari_mamba_seg._cli_finetune import add_finetune_parser  # standard library only
+    from napari_mamba_seg._cli_training import add_evaluate_parser, add_train_parser
 
     add_train_parser(subcommands)
+    add_finetune_parser(subcommands)
     add_evaluate_parser(subcommands)
     return parser
 

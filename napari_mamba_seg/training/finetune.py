@@ -50,6 +50,7 @@ __all__ = [
     "save_version",
     "split_reviewed_slices",
     "versions_root",
+    "write_bundle",
 ]
 
 PROVENANCE_FILE = "provenance.json"
@@ -319,17 +320,31 @@ def save_version(outcome: FineTuneOutcome, root: str | os.PathLike[str] | None =
     Raises:
         ValueError: A cancelled outcome (nothing to save).
     """
+    versions = ModelVersions(root if root is not None else versions_root())
+    lineage = _lineage(outcome.provenance.get("parent", "model"))
+    folder = write_bundle(outcome, versions.new_folder(lineage))
+    versions.add(lineage, folder.name, outcome.provenance["parent"], activate=outcome.activate)
+    return folder
+
+
+def write_bundle(outcome: FineTuneOutcome, folder: str | os.PathLike[str]) -> Path:
+    """Write the fine-tuned model as a bundle in ``folder`` (which must not exist), with ``provenance.json``: parent
+    and its hash, the studies and slices used (hashes), the settings, both held-out scores and the safety decision.
+
+    Raises:
+        ValueError: A cancelled outcome (nothing to save).
+        FileExistsError: ``folder`` exists.
+    """
     if outcome.cancelled or outcome.model is None or outcome.card is None:
         raise ValueError("the fine-tune was cancelled: there is no model to save")
-    versions = ModelVersions(root if root is not None else versions_root())
-    lineage = _lineage(outcome.provenance["parent"])
-    folder = versions.new_folder(lineage)
+    folder = Path(folder)
+    if folder.exists():
+        raise FileExistsError(f"{folder} exists; a fine-tuned model is always written to a new folder")
     save_bundle(outcome.model, folder, outcome.card)
     record = {**outcome.provenance, "activated": outcome.activate, "reason": outcome.reason}
     record |= {"holdout_mean_dice_before": _json_float(outcome.before)}
     record |= {"holdout_mean_dice_after": _json_float(outcome.after)}
     write_durably(folder / PROVENANCE_FILE, json.dumps(record, indent=2).encode())
-    versions.add(lineage, folder.name, outcome.provenance["parent"], activate=outcome.activate)
     return folder
 
 

@@ -87,3 +87,9 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"development data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _private_recovery_folder(tmp_path_factory, monkeypatch):
+    """Each test gets its own recovery-journal folder, so no test finds another's unsaved corrections."""
+    monkeypatch.setenv("NAPARI_MAMBA_SEG_RECOVERY", str(tmp_path_factory.mktemp("recovery")))

@@ -32,16 +32,21 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_mamba_seg._napari._layer_data import METADATA_KEY
 from napari_mamba_seg._napari._segment import model_input_from_layers, segmentation_job
 from napari_mamba_seg._napari._segment_widget import RESULT_KEY
 from napari_mamba_seg._napari._workers import start_job
 from napari_mamba_seg.interactive import (
     REVIEW_METADATA_KEY,
+    CorrectionJournal,
     Edit,
+    JournalError,
     ReviewState,
     UndoStack,
+    default_recovery_root,
     fill_holes,
     interpolate_slices,
+    journal_key,
     keep_largest_component,
     propagate_slice,
     refine_with_clicks,
@@ -63,6 +68,8 @@ class CorrectWidget(QWidget):
         self.viewer = napari_viewer
         self.undo_stacks: dict[str, UndoStack] = {}
         self.probabilities: dict[str, np.ndarray] = {}
+        self.journals: dict[str, CorrectionJournal] = {}
+        self.pending_recovery: dict[str, Any] = {}
         self.worker: Any = None
         self._build()
         self._refresh_layers()
@@ -75,6 +82,7 @@ class CorrectWidget(QWidget):
     def _build(self) -> None:
         self.labels_box = QComboBox()
         self.labels_box.currentIndexChanged.connect(self._show_review)
+        self.labels_box.currentIndexChanged.connect(self._look_for_recovery)
         self.only_selected = QCheckBox("only the selected label")
         self.only_selected.setToolTip("apply clean-up and propagation to the layer's selected label only")
 
@@ -124,10 +132,24 @@ class CorrectWidget(QWidget):
         self.status.setWordWrap(True)
         self.status.setTextFormat(Qt.TextFormat.RichText)
 
+        self.recovery_text = QLabel()
+        self.recovery_text.setWordWrap(True)
+        self.restore_button = QPushButton("Restore")
+        self.restore_button.clicked.connect(self.restore_journal)
+        self.discard_button = QPushButton("Discard")
+        self.discard_button.clicked.connect(self.discard_journal)
+        self.recovery_box = QGroupBox("Unsaved corrections found")
+        recovery = QGridLayout(self.recovery_box)
+        recovery.addWidget(self.recovery_text, 0, 0, 1, 2)
+        recovery.addWidget(self.restore_button, 1, 0)
+        recovery.addWidget(self.discard_button, 1, 1)
+        self.recovery_box.setVisible(False)
+
         form = QFormLayout()
         form.addRow("Labels layer", self.labels_box)
         form.addRow("", self.only_selected)
         layout = QVBoxLayout(self)
+        layout.addWidget(self.recovery_box)
         layout.addLayout(form)
         for group in (review, clicks, propagate, cleanup):
             layout.addWidget(group)
@@ -166,6 +188,7 @@ class CorrectWidget(QWidget):
         self.labels_box.setCurrentIndex(index if index >= 0 else self.labels_box.count() - 1)
         self.labels_box.blockSignals(False)
         self._show_review()
+        self._look_for_recovery()
 
     # ----------------------------------------------------------------------------------------- the layer
 
@@ -211,6 +234,9 @@ class CorrectWidget(QWidget):
 
     def _store_review(self, layer: Labels, state: ReviewState) -> None:
         layer.metadata = {**layer.metadata, REVIEW_METADATA_KEY: state.to_dict()}
+        journal = self._journal(layer)
+        if journal is not None:
+            journal.record_review(state)
         self._show_review()
 
     def mark_reviewed(self) -> None:
@@ -429,6 +455,105 @@ class CorrectWidget(QWidget):
 
         self._guarded(run)
 
+    # ----------------------------------------------------------------------------------------- autosave
+
+    def _journal_key(self, layer: Labels) -> str:
+        entry = layer.metadata.get(METADATA_KEY, {}) if isinstance(layer.metadata, dict) else {}
+        return journal_key(entry.get("source"), tuple(layer.data.shape), entry.get("affine"), layer.name)
+
+    def _journal(self, layer: Labels) -> CorrectionJournal | None:
+        """The layer's recovery journal, started at its first change (None while a recovery offer is pending).
+
+        Every operation of this widget, every review mark and every napari brush, fill or polygon stroke is recorded
+        durably before the next one; after a crash, choosing the same layer of the same image offers the restore.
+        """
+        key = _key(layer)
+        if key in self.pending_recovery:
+            raise ValueError("unsaved corrections of this layer were found: restore or discard them first")
+        journal = self.journals.get(key)
+        if journal is None:
+            try:
+                journal = CorrectionJournal.start(
+                    default_recovery_root(),
+                    self._journal_key(layer),
+                    np.asarray(layer.data),
+                    description={
+                        "layer": layer.name,
+                        "source": str(layer.metadata.get(METADATA_KEY, {}).get("source")),
+                    },
+                )
+            except (OSError, JournalError) as error:
+                show_error(f"Mamba Segmentation: autosave is off for {layer.name!r}: {error}")
+                return None
+            self.journals[key] = journal
+            layer.events.paint.connect(lambda event, journal=journal: _record_paint(journal, event))
+        return journal
+
+    def _look_for_recovery(self, *_: Any) -> None:
+        """Offer to restore the journal of the chosen layer when one was left by an earlier session."""
+        try:
+            layer = self.labels_layer()
+        except ValueError:
+            self.recovery_box.setVisible(False)
+            return
+        key = _key(layer)
+        if key in self.journals:
+            self.recovery_box.setVisible(key in self.pending_recovery)
+            return
+        try:
+            info = CorrectionJournal.find(default_recovery_root(), self._journal_key(layer))
+        except (OSError, JournalError):
+            info = None
+        if info is None or info.num_records == 0:
+            self.recovery_box.setVisible(False)
+            return
+        self.pending_recovery[key] = info
+        when = info.last_change.strftime("%Y-%m-%d %H:%M")
+        self.recovery_text.setText(
+            f"{info.num_edits} change(s) and review marks of {layer.name!r}, last at {when}, were not saved "
+            "(napari closed or crashed). Restore them into the layer, or discard them?"
+        )
+        self.recovery_box.setVisible(True)
+
+    def restore_journal(self) -> None:
+        """Replace the layer's labels and review state by the journalled ones (one undo step)."""
+
+        def restore() -> None:
+            layer = self.labels_layer()
+            info = self.pending_recovery.pop(_key(layer), None)
+            if info is None:
+                return
+            restored = CorrectionJournal.restore(default_recovery_root(), info.key)
+            if restored.labels.shape != layer.data.shape:
+                raise ValueError(f"the journal holds labels of shape {restored.labels.shape}, not {layer.data.shape}")
+            edit = Edit.between(np.asarray(layer.data), restored.labels, "restore unsaved corrections")
+            if restored.review is not None:
+                layer.metadata = {**layer.metadata, REVIEW_METADATA_KEY: restored.review.to_dict()}
+            self.recovery_box.setVisible(False)
+            self._apply(layer, edit)  # starts a new journal from the restored labels
+            self._say(
+                f"restored {restored.num_edits} change(s)"
+                + (f"; skipped: {restored.skipped}" if restored.skipped else "")
+            )
+            self._show_review()
+
+        self._guarded(restore)
+
+    def discard_journal(self) -> None:
+        """Forget the unsaved corrections found for the layer."""
+
+        def discard() -> None:
+            layer = self.labels_layer()
+            info = self.pending_recovery.pop(_key(layer), None)
+            if info is not None:
+                from napari_mamba_seg.interactive import discard_journal
+
+                discard_journal(default_recovery_root(), info.key)
+            self.recovery_box.setVisible(False)
+            self._say("unsaved corrections discarded")
+
+        self._guarded(discard)
+
     # ----------------------------------------------------------------------------------------- history
 
     def _stack(self, layer: Labels) -> UndoStack:
@@ -438,7 +563,10 @@ class CorrectWidget(QWidget):
         if edit is None:
             self._say("nothing changed")
             return
+        journal = self._journal(layer)
         self._stack(layer).apply(layer.data, edit)
+        if journal is not None:
+            journal.record_edit(edit)
         layer.refresh()
         self._say(f"{edit.description} ({edit.num_changed} voxels)")
         self._update_history_buttons()
@@ -454,10 +582,13 @@ class CorrectWidget(QWidget):
     def _step_history(self, *, undo: bool) -> None:
         layer = self.labels_layer()
         stack = self._stack(layer)
+        journal = self._journal(layer)
         edit = stack.undo(layer.data) if undo else stack.redo(layer.data)
         if edit is None:
             self._say(f"nothing to {'undo' if undo else 'redo'}")
             return
+        if journal is not None:
+            journal.record_edit(edit.inverse() if undo else edit)
         layer.refresh()
         self._say(f"{'undone' if undo else 'redone'}: {edit.description}")
         self._update_history_buttons()
@@ -490,3 +621,19 @@ class CorrectWidget(QWidget):
 def _key(layer: Labels) -> str:
     """A layer's identity across napari's proxies (plugin widgets get a new proxy object on every access)."""
     return str(layer.unique_id)
+
+
+def _record_paint(journal: CorrectionJournal, event: Any) -> None:
+    """Journal one napari paint history item: masked box atoms (brush, fill, polygon) or voxel atoms (data_setitem).
+
+    napari's own undo/redo (Ctrl+Z) emits no paint event, so it is not journalled (a restore then replays the
+    strokes as drawn).
+    """
+    regions = [atom for atom in event.value if hasattr(atom, "slice_key")]  # napari's _MaskedPaintAtom
+    if regions:
+        journal.record_regions(
+            [(atom.slice_key, atom.mask, atom.old_values, atom.new_value) for atom in regions], "napari brush"
+        )
+    for atom in event.value:
+        if not hasattr(atom, "slice_key"):  # (indices, old values, new values) of data_setitem
+            journal.record_voxels(*atom, "napari edit")

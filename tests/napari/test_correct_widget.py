@@ -195,3 +195,45 @@ def test_keep_largest_component_and_undo(make_napari_viewer) -> None:
     assert layer.data.sum() == 300 and not layer.data[6].any()
     widget.undo_button.click()
     np.testing.assert_array_equal(layer.data, labels)
+
+
+def test_corrections_survive_a_crash_and_are_offered_on_reopening(make_napari_viewer, qtbot) -> None:
+    """Edits of the widget, a napari brush stroke and review marks are journalled as they happen; a new napari (the
+    old one "crashed": never closed or saved) opening the same layer offers them back, and Restore brings them all."""
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3] = _disk(10) & ~_disk(3)
+    viewer, layer, widget = _open(make_napari_viewer, labels.copy(), name="crash test")
+    _go(viewer, layer, 3)
+    _click(widget, "Fill holes")
+    _click(widget, "Mark slice reviewed")
+    layer.selected_label = 2
+    layer.paint((5, 30, 30), 2)  # a brush dab as napari's brush makes it (history item -> paint event)
+    layer.paint((5, 31, 30), 2)
+    expected = layer.data.copy()
+    assert (expected[5] == 2).any()
+
+    viewer2, layer2, widget2 = _open(make_napari_viewer, labels.copy(), name="crash test")
+    assert widget2.recovery_box.isVisibleTo(widget2)
+    assert "not saved" in widget2.recovery_text.text()
+    _click(widget2, "Fill holes")  # nothing may change while the offer is pending
+    assert "restore or discard" in widget2.status.text()
+    np.testing.assert_array_equal(layer2.data, labels)
+    widget2.restore_button.click()
+    np.testing.assert_array_equal(layer2.data, expected)
+    assert layer2.metadata[REVIEW_METADATA_KEY]["reviewed"] == [3]
+    widget2.undo_button.click()  # the restore is one undo step
+    np.testing.assert_array_equal(layer2.data, labels)
+
+
+def test_discarding_the_offer_forgets_the_journal(make_napari_viewer) -> None:
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3] = _disk(10) & ~_disk(3)
+    viewer, layer, widget = _open(make_napari_viewer, labels.copy(), name="to discard")
+    _go(viewer, layer, 3)
+    _click(widget, "Fill holes")
+    _viewer2, _layer2, widget2 = _open(make_napari_viewer, labels.copy(), name="to discard")
+    assert widget2.recovery_box.isVisibleTo(widget2)
+    widget2.discard_button.click()
+    assert not widget2.recovery_box.isVisibleTo(widget2)
+    _viewer3, _layer3, widget3 = _open(make_napari_viewer, labels.copy(), name="to discard")
+    assert not widget3.recovery_box.isVisibleTo(widget3)

@@ -212,7 +212,7 @@ def test_corrections_survive_a_crash_and_are_offered_on_reopening(make_napari_vi
     expected = layer.data.copy()
     assert (expected[5] == 2).any()
 
-    viewer2, layer2, widget2 = _open(make_napari_viewer, labels.copy(), name="crash test")
+    _viewer2, layer2, widget2 = _open(make_napari_viewer, labels.copy(), name="crash test")
     assert widget2.recovery_box.isVisibleTo(widget2)
     assert "not saved" in widget2.recovery_text.text()
     _click(widget2, "Fill holes")  # nothing may change while the offer is pending

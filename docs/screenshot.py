@@ -21,12 +21,12 @@ def main(output: str = "docs/segment-widget.png") -> Path:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_mamba_seg.cli import DEMO_SAMPLE, PLUGIN_NAME, demo_widget_names
+    from napari_mamba_seg.cli import DEMO_SAMPLE, PLUGIN_NAME, dock_demo_widgets
 
     viewer = napari.Viewer(title="napari-mamba-seg")
     viewer.window._qt_window.resize(1600, 1000)
     viewer.open_sample(PLUGIN_NAME, DEMO_SAMPLE)
-    widgets = {name: viewer.window.add_plugin_dock_widget(PLUGIN_NAME, name)[1] for name in demo_widget_names()}
+    widgets = dock_demo_widgets(viewer)
     segment = widgets["Segment"]
     segment.model_box.setCurrentIndex(segment.model_box.findData("breast-dce"))
     segment.run_button.click()

@@ -30,7 +30,7 @@ PLUGIN_NAME = "napari-mamba-seg"
 
 
 DEMO_SAMPLE = "breast_dce_phantom"
-DEMO_WIDGETS = ("Segment", "Correct")
+DEMO_WIDGETS = ("Segment", "Fine-tune", "Correct")
 """Widgets docked by ``demo`` (those the manifest has), in this order; the others stay in the Plugins menu."""
 
 
@@ -48,6 +48,15 @@ def demo_widget_names() -> list[str]:
     return [name for name in DEMO_WIDGETS if name in available]
 
 
+def dock_demo_widgets(viewer: Any) -> dict[str, Any]:
+    """Dock the demo widgets: Segment above Fine-tune and Correct, which share a place as tabs (the last one docked,
+    Correct, in front). Name -> widget."""
+    widgets = {}
+    for index, name in enumerate(demo_widget_names()):
+        widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, name, tabify=index >= 2)[1]
+    return widgets
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Open napari with the breast phantom sample loaded and the Segment and Correct widgets docked."""
     import napari
@@ -55,8 +64,7 @@ def run_demo(args: argparse.Namespace) -> int:
     viewer = napari.Viewer(title="napari-mamba-seg demo")
     if not args.no_sample:
         viewer.open_sample(PLUGIN_NAME, DEMO_SAMPLE)
-    for widget_name in demo_widget_names():
-        viewer.window.add_plugin_dock_widget(PLUGIN_NAME, widget_name)
+    dock_demo_widgets(viewer)
     if not args.no_event_loop:
         napari.run()
     return 0

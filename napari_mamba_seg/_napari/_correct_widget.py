@@ -67,7 +67,8 @@ class CorrectWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self.undo_stacks: dict[str, UndoStack] = {}
-        self.probabilities: dict[str, np.ndarray] = {}
+        self.probabilities: dict[tuple[str, str], np.ndarray] = {}
+        """The model's probabilities per (layer, model): a re-segmentation with a new version makes them stale."""
         self.journals: dict[str, CorrectionJournal] = {}
         self.pending_recovery: dict[str, Any] = {}
         self.worker: Any = None
@@ -345,7 +346,7 @@ class CorrectWidget(QWidget):
 
     def _with_probabilities(self, layer: Labels, then: Callable[[np.ndarray], None]) -> None:
         """Call ``then(probabilities)`` now when cached, else after the model has computed them in a worker."""
-        cached = self.probabilities.get(_key(layer))
+        cached = self.probabilities.get(_probabilities_key(layer))
         if cached is not None and cached.shape[1:] == layer.data.shape:
             then(cached)
             return
@@ -370,7 +371,7 @@ class CorrectWidget(QWidget):
         self._say("computing the model's probabilities (once per layer)…")
 
         def store(result: Any) -> None:
-            self.probabilities[_key(layer)] = result.probabilities
+            self.probabilities[_probabilities_key(layer)] = result.probabilities
             self._guarded(lambda: then(result.probabilities))
 
         self.worker = start_job(
@@ -395,7 +396,7 @@ class CorrectWidget(QWidget):
             target = index + step
             if not 0 <= target < layer.data.shape[axis]:
                 raise ValueError(f"slice {index} is the {'last' if step > 0 else 'first'} one; nothing to copy onto")
-            cached = self.probabilities.get(_key(layer))
+            cached = self.probabilities.get(_probabilities_key(layer))
             probabilities = cached if cached is not None and cached.shape[1:] == layer.data.shape else None
             edit = propagate_slice(
                 layer.data, axis, index, target, probabilities=probabilities, label=self._selected_label(layer)
@@ -637,3 +638,9 @@ def _record_paint(journal: CorrectionJournal, event: Any) -> None:
     for atom in event.value:
         if not hasattr(atom, "slice_key"):  # (indices, old values, new values) of data_setitem
             journal.record_voxels(*atom, "napari edit")
+
+
+def _probabilities_key(layer: Labels) -> tuple[str, str]:
+    """The cache key of a layer's probabilities: the layer and the model it was last segmented with."""
+    record = layer.metadata.get(RESULT_KEY) or {}
+    return _key(layer), str(record.get("model", ""))

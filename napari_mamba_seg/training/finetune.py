@@ -47,6 +47,7 @@ __all__ = [
     "FineTuneSettings",
     "ModelVersions",
     "finetune",
+    "lineage_of",
     "save_version",
     "split_reviewed_slices",
     "versions_root",
@@ -321,7 +322,7 @@ def save_version(outcome: FineTuneOutcome, root: str | os.PathLike[str] | None =
         ValueError: A cancelled outcome (nothing to save).
     """
     versions = ModelVersions(root if root is not None else versions_root())
-    lineage = _lineage(outcome.provenance.get("parent", "model"))
+    lineage = lineage_of(outcome.provenance.get("parent", "model"))
     folder = write_bundle(outcome, versions.new_folder(lineage))
     versions.add(lineage, folder.name, outcome.provenance["parent"], activate=outcome.activate)
     return folder
@@ -352,7 +353,7 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _lineage(parent: str) -> str:
+def lineage_of(parent: str) -> str:
     """``breast-dce-ft3`` -> ``breast-dce``: versions of versions stay in one lineage."""
     return re.sub(r"-ft\d+$", "", Path(parent).name)
 

@@ -103,8 +103,8 @@ class FineTuneSettings:
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
     """
 
-    steps: int = 60
-    lr: float = 2e-4
+    steps: int = 30
+    lr: float = 3e-5
     batch_size: int = 2
     augment: bool = True
     holdout_every: int = 3

@@ -151,3 +151,20 @@ def test_layers_of_different_grids_are_not_stacked() -> None:
     assert stacked.image.shape == (2, 4, 8, 8) and stacked.spacing == (2.0, 1.0, 1.0)
     four_d = model_input_from_layers([Image(np.zeros((3, 4, 8, 8)), name="dce", scale=(1, 2, 1, 1))])
     assert four_d.image.shape == (3, 4, 8, 8) and four_d.spacing == (2.0, 1.0, 1.0)
+
+
+@pytest.mark.gui
+def test_segment_the_sample_with_a_test_model(make_napari_viewer, qtbot, tiny_bundle) -> None:
+    """The plugin's own sample (three phases) through the widget: labels on the phantom's grid and scale."""
+    viewer, widget = _open_widget(make_napari_viewer, tiny_bundle)
+    viewer.open_sample(PLUGIN, "breast_dce_phantom")
+    phases = [layer.name for layer in viewer.layers if layer._type_string == "image"]
+    assert len(phases) == 3
+    _select(widget, phases)
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    labels = viewer.layers[-1]
+    assert labels._type_string == "labels" and labels.name.endswith("· tiny-breast")
+    assert labels.data.shape == viewer.layers[phases[0]].data.shape == (60, 256, 256)
+    np.testing.assert_allclose(labels.scale, viewer.layers[phases[0]].scale)
+    np.testing.assert_allclose(labels.scale, (2.0, 0.7, 0.7))

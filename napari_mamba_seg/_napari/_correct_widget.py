@@ -32,7 +32,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_mamba_seg._napari._layer_data import METADATA_KEY
+from napari_mamba_seg._napari._layer_data import METADATA_KEY, recovery_key
 from napari_mamba_seg._napari._segment import model_input_from_layers, segmentation_job
 from napari_mamba_seg._napari._segment_widget import RESULT_KEY
 from napari_mamba_seg._napari._workers import start_job
@@ -46,7 +46,6 @@ from napari_mamba_seg.interactive import (
     default_recovery_root,
     fill_holes,
     interpolate_slices,
-    journal_key,
     keep_largest_component,
     propagate_slice,
     refine_with_clicks,
@@ -70,6 +69,7 @@ class CorrectWidget(QWidget):
         self.probabilities: dict[tuple[str, str], np.ndarray] = {}
         """The model's probabilities per (layer, model): a re-segmentation with a new version makes them stale."""
         self.journals: dict[str, CorrectionJournal] = {}
+        self._journalled_layers: set[str] = set()
         self.pending_recovery: dict[str, Any] = {}
         self.worker: Any = None
         self._build()
@@ -459,8 +459,7 @@ class CorrectWidget(QWidget):
     # ----------------------------------------------------------------------------------------- autosave
 
     def _journal_key(self, layer: Labels) -> str:
-        entry = layer.metadata.get(METADATA_KEY, {}) if isinstance(layer.metadata, dict) else {}
-        return journal_key(entry.get("source"), tuple(layer.data.shape), entry.get("affine"), layer.name)
+        return recovery_key(layer.metadata, tuple(layer.data.shape), layer.name)
 
     def _journal(self, layer: Labels) -> CorrectionJournal | None:
         """The layer's recovery journal, started at its first change (None while a recovery offer is pending).
@@ -472,6 +471,9 @@ class CorrectWidget(QWidget):
         if key in self.pending_recovery:
             raise ValueError("unsaved corrections of this layer were found: restore or discard them first")
         journal = self.journals.get(key)
+        if journal is not None and not journal.folder.is_dir():  # discarded because the layer was saved: a new one
+            del self.journals[key]
+            journal = None
         if journal is None:
             try:
                 journal = CorrectionJournal.start(
@@ -487,8 +489,20 @@ class CorrectWidget(QWidget):
                 show_error(f"Mamba Segmentation: autosave is off for {layer.name!r}: {error}")
                 return None
             self.journals[key] = journal
-            layer.events.paint.connect(lambda event, journal=journal: _record_paint(journal, event))
+            if key not in self._journalled_layers:
+                self._journalled_layers.add(key)
+                layer.events.paint.connect(lambda event, layer=layer: self._journal_paint(layer, event))
         return journal
+
+    def _journal_paint(self, layer: Labels, event: Any) -> None:
+        """Journal a napari brush, fill or polygon stroke (a new journal, if needed, starts from the painted data:
+        replaying the stroke on it changes nothing)."""
+        try:
+            journal = self._journal(layer)
+            if journal is not None:
+                _record_paint(journal, event)
+        except (ValueError, OSError, JournalError) as error:
+            self._fail(f"this stroke is not autosaved: {error}")
 
     def _look_for_recovery(self, *_: Any) -> None:
         """Offer to restore the journal of the chosen layer when one was left by an earlier session."""

@@ -416,3 +416,12 @@ def _placement_of(like: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             translate = tuple(float(v) for v in np.asarray(translate_all, dtype=float)[-spatial_ndim:])
             entry = {}
     return {"scale": tuple(scale), "translate": tuple(translate)}, entry
+
+
+def recovery_key(metadata: Mapping[str, Any] | None, shape: tuple[int, ...], name: str) -> str:
+    """The recovery-journal key of a Labels layer (:func:`napari_mamba_seg.interactive.journal_key` of its source
+    file, shape, affine and name): the Correct widget journals under it, and saving the layer discards it."""
+    from napari_mamba_seg.interactive import journal_key
+
+    entry = (metadata or {}).get(METADATA_KEY) or {}
+    return journal_key(entry.get("source"), tuple(shape), entry.get("affine"), name)

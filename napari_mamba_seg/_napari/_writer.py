@@ -8,17 +8,19 @@ orientation is lost.
 
 napari's save dialog has already asked before replacing a file, so an existing file is replaced, atomically: the
 file is written under a temporary name in the same folder and renamed, so no half-written file carries the name.
+Once the labels are saved, the layer's recovery journal (the Correct widget's autosave) is discarded.
 Imports numpy and nibabel/tifffile (through :mod:`napari_mamba_seg.io`); never napari or torch.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from napari_mamba_seg._napari._layer_data import METADATA_KEY, geometry_from_layer
+from napari_mamba_seg._napari._layer_data import METADATA_KEY, geometry_from_layer, recovery_key
 from napari_mamba_seg.io import ImageGeometry, MedicalImage, write_labels
 from napari_mamba_seg.io.nifti import nifti_suffix
 from napari_mamba_seg.io.tiff import tiff_suffix
@@ -92,7 +94,19 @@ def write_labels_layer(path: str | Path, data: Any, meta: dict[str, Any]) -> Pat
     _check_shape(labels.shape, entry, name, path)
     geometry = geometry_from_layer(meta, labels.ndim)
     reference = _nifti_reference(entry, geometry, labels.shape) if nifti_suffix(path) is not None else None
-    return write_labels(labels, path, reference if reference is not None else geometry, overwrite=True)
+    written = write_labels(labels, path, reference if reference is not None else geometry, overwrite=True)
+    _discard_recovery_journal(meta, labels.shape, name)
+    return written
+
+
+def _discard_recovery_journal(meta: dict[str, Any], shape: tuple[int, ...], name: str) -> None:
+    """The labels are saved: their recovery journal (unsaved corrections) is no longer needed. Never fails a save."""
+    from napari_mamba_seg.interactive import default_recovery_root, discard_journal
+
+    try:
+        discard_journal(default_recovery_root(), recovery_key(meta.get("metadata"), shape, meta.get("name") or name))
+    except Exception as error:  # the file is written; a journal left behind only means a later restore offer
+        warnings.warn(f"the recovery journal of {name!r} could not be removed: {error}", stacklevel=2)
 
 
 def _check_shape(shape: tuple[int, ...], entry: dict[str, Any], name: str, path: Path) -> None:

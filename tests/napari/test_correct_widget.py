@@ -237,3 +237,23 @@ def test_discarding_the_offer_forgets_the_journal(make_napari_viewer) -> None:
     assert not widget2.recovery_box.isVisibleTo(widget2)
     _viewer3, _layer3, widget3 = _open(make_napari_viewer, labels.copy(), name="to discard")
     assert not widget3.recovery_box.isVisibleTo(widget3)
+
+
+def test_saving_the_labels_discards_their_journal(make_napari_viewer, tmp_path) -> None:
+    """After a save nothing is "unsaved": reopening offers no restore, and later edits start a new journal."""
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[3] = _disk(10) & ~_disk(3)
+    viewer, layer, widget = _open(make_napari_viewer, labels.copy(), name="saved")
+    _go(viewer, layer, 3)
+    _click(widget, "Fill holes")
+    layer.save(str(tmp_path / "saved.nii.gz"), plugin="napari-mamba-seg")
+    _viewer2, _layer2, widget2 = _open(make_napari_viewer, labels.copy(), name="saved")
+    assert not widget2.recovery_box.isVisibleTo(widget2)
+
+    _click(widget, "Remove islands smaller than")  # nothing to remove: no edit
+    layer.paint((6, 5, 5), 1)  # a stroke after the save goes to a new journal
+    expected = layer.data.copy()
+    _viewer3, layer3, widget3 = _open(make_napari_viewer, labels.copy(), name="saved")
+    assert widget3.recovery_box.isVisibleTo(widget3)
+    widget3.restore_button.click()
+    np.testing.assert_array_equal(layer3.data, expected)

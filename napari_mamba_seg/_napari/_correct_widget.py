@@ -9,7 +9,6 @@ and image layers the Segment widget recorded in the layer's metadata, once per l
 
 from __future__ import annotations
 
-import html
 import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from napari.layers import Labels, Points
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -35,6 +33,7 @@ from qtpy.QtWidgets import (
 from napari_mamba_seg._napari._layer_data import METADATA_KEY, recovery_key
 from napari_mamba_seg._napari._segment import model_input_from_layers, segmentation_job
 from napari_mamba_seg._napari._segment_widget import RESULT_KEY
+from napari_mamba_seg._napari._status import StatusLine, layer_key
 from napari_mamba_seg._napari._workers import start_job
 from napari_mamba_seg.interactive import (
     REVIEW_METADATA_KEY,
@@ -129,9 +128,7 @@ class CorrectWidget(QWidget):
         history = QHBoxLayout()
         history.addWidget(self.undo_button)
         history.addWidget(self.redo_button)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        self.status.setTextFormat(Qt.TextFormat.RichText)
+        self.status = StatusLine()
 
         self.recovery_text = QLabel()
         self.recovery_text.setWordWrap(True)
@@ -467,7 +464,7 @@ class CorrectWidget(QWidget):
         Every operation of this widget, every review mark and every napari brush, fill or polygon stroke is recorded
         durably before the next one; after a crash, choosing the same layer of the same image offers the restore.
         """
-        key = _key(layer)
+        key = layer_key(layer)
         if key in self.pending_recovery:
             raise ValueError("unsaved corrections of this layer were found: restore or discard them first")
         journal = self.journals.get(key)
@@ -511,7 +508,7 @@ class CorrectWidget(QWidget):
         except ValueError:
             self.recovery_box.setVisible(False)
             return
-        key = _key(layer)
+        key = layer_key(layer)
         if key in self.journals:
             self.recovery_box.setVisible(key in self.pending_recovery)
             return
@@ -535,7 +532,7 @@ class CorrectWidget(QWidget):
 
         def restore() -> None:
             layer = self.labels_layer()
-            info = self.pending_recovery.pop(_key(layer), None)
+            info = self.pending_recovery.pop(layer_key(layer), None)
             if info is None:
                 return
             restored = CorrectionJournal.restore(default_recovery_root(), info.key)
@@ -559,7 +556,7 @@ class CorrectWidget(QWidget):
 
         def discard() -> None:
             layer = self.labels_layer()
-            info = self.pending_recovery.pop(_key(layer), None)
+            info = self.pending_recovery.pop(layer_key(layer), None)
             if info is not None:
                 from napari_mamba_seg.interactive import discard_journal
 
@@ -572,7 +569,7 @@ class CorrectWidget(QWidget):
     # ----------------------------------------------------------------------------------------- history
 
     def _stack(self, layer: Labels) -> UndoStack:
-        return self.undo_stacks.setdefault(_key(layer), UndoStack())
+        return self.undo_stacks.setdefault(layer_key(layer), UndoStack())
 
     def _apply(self, layer: Labels, edit: Edit | None) -> None:
         if edit is None:
@@ -626,16 +623,10 @@ class CorrectWidget(QWidget):
             self._fail(str(error))
 
     def _say(self, message: str) -> None:
-        self.status.setText(html.escape(message, quote=False))
+        self.status.say(message)
 
     def _fail(self, message: str) -> None:
-        self.status.setText(f"<span style='color:#e06c6c'>{html.escape(message, quote=False)}</span>")
-        show_error(f"Mamba Segmentation: {message}")
-
-
-def _key(layer: Labels) -> str:
-    """A layer's identity across napari's proxies (plugin widgets get a new proxy object on every access)."""
-    return str(layer.unique_id)
+        self.status.fail(message)
 
 
 def _record_paint(journal: CorrectionJournal, event: Any) -> None:
@@ -657,4 +648,4 @@ def _record_paint(journal: CorrectionJournal, event: Any) -> None:
 def _probabilities_key(layer: Labels) -> tuple[str, str]:
     """The cache key of a layer's probabilities: the layer and the model it was last segmented with."""
     record = layer.metadata.get(RESULT_KEY) or {}
-    return _key(layer), str(record.get("model", ""))
+    return layer_key(layer), str(record.get("model", ""))

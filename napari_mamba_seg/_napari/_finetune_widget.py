@@ -10,7 +10,6 @@ while the UI stays free. The finished version is saved with :func:`~napari_mamba
 
 from __future__ import annotations
 
-import html
 import math
 import queue
 import threading
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from napari.layers import Labels
-from napari.utils.notifications import show_error, show_info, show_warning
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QPointF, QRectF, Qt
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
@@ -45,6 +44,7 @@ from qtpy.QtWidgets import (
 
 from napari_mamba_seg._napari._segment import ModelInput, model_input_from_layers, segmentation_job
 from napari_mamba_seg._napari._segment_widget import RESULT_KEY
+from napari_mamba_seg._napari._status import StatusLine, layer_key
 from napari_mamba_seg._napari._workers import start_job
 from napari_mamba_seg.interactive.review import REVIEW_METADATA_KEY, ReviewState
 from napari_mamba_seg.training.finetune import (
@@ -300,9 +300,7 @@ class FineTuneWidget(QWidget):
         self.loss_plot = LossPlot()
         self.dice_label = QLabel("")
         self.dice_label.setWordWrap(True)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        self.status.setTextFormat(Qt.TextFormat.RichText)
+        self.status = StatusLine()
         self.resegment_button = QPushButton("Re-segment unreviewed slices")
         self.resegment_button.setToolTip("predict again with the new version; reviewed slices are kept as they are")
         self.resegment_button.setEnabled(False)
@@ -357,15 +355,15 @@ class FineTuneWidget(QWidget):
         chosen = set(self.chosen_keys())
         added = getattr(event, "value", None)
         if getattr(event, "type", "") == "inserted" and isinstance(added, Labels):
-            chosen = {_key(added)}
+            chosen = {layer_key(added)}
         self.layer_list.blockSignals(True)
         self.layer_list.clear()
         for layer in self.viewer.layers:
             if isinstance(layer, Labels):
                 item = QListWidgetItem(layer.name)
-                item.setData(ROLE_KEY, _key(layer))
+                item.setData(ROLE_KEY, layer_key(layer))
                 self.layer_list.addItem(item)
-                item.setSelected(_key(layer) in chosen)
+                item.setSelected(layer_key(layer) in chosen)
                 layer.events.metadata.connect(self._on_choice_changed)  # reviews and re-segmentations
         if not self.layer_list.selectedItems() and self.layer_list.count():
             self.layer_list.item(self.layer_list.count() - 1).setSelected(True)
@@ -384,7 +382,7 @@ class FineTuneWidget(QWidget):
             item.setSelected(item.text() in names)
 
     def _layer(self, key: str) -> Labels | None:
-        return next((layer for layer in self.viewer.layers if _key(layer) == key), None)
+        return next((layer for layer in self.viewer.layers if layer_key(layer) == key), None)
 
     def chosen_layers(self) -> list[Labels]:
         """The chosen Labels layers still in the viewer."""
@@ -462,7 +460,7 @@ class FineTuneWidget(QWidget):
             except ValueError as error:
                 raise ValueError(f"layer {layer.name!r}: {error}") from error
             studies.append(study)
-            targets.append(Target(_key(layer), layer.name, model_input))
+            targets.append(Target(layer_key(layer), layer.name, model_input))
         return studies, targets
 
     def settings(self) -> FineTuneSettings:
@@ -662,16 +660,10 @@ class FineTuneWidget(QWidget):
     # ----------------------------------------------------------------------------------------- messages
 
     def _say(self, message: str) -> None:
-        self.status.setText(html.escape(message, quote=False))
+        self.status.say(message)
 
     def _fail(self, message: str) -> None:
-        self.status.setText(f"<span style='color:#e06c6c'>{html.escape(message, quote=False)}</span>")
-        show_error(f"Mamba Segmentation: {message}")
-
-
-def _key(layer: Any) -> str:
-    """A layer's identity across napari's proxies (plugin widgets get a new proxy object on every access)."""
-    return str(layer.unique_id)
+        self.status.fail(message)
 
 
 def _dice_text(before: float, after: float) -> str:

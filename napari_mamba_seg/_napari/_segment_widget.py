@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from napari.layers import Image
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt
+from napari.utils.notifications import show_info
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QComboBox,
@@ -37,6 +36,7 @@ from napari_mamba_seg._napari._segment import (
     model_input_from_layers,
     segmentation_job,
 )
+from napari_mamba_seg._napari._status import StatusLine
 from napari_mamba_seg._napari._workers import start_job
 
 if TYPE_CHECKING:
@@ -91,9 +91,7 @@ class SegmentWidget(QWidget):
         self.progress = QProgressBar()
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
-        self.status.setTextFormat(Qt.TextFormat.RichText)
+        self.status = StatusLine()
 
         form = QFormLayout()
         form.addRow("Model", model_row)
@@ -276,5 +274,4 @@ class SegmentWidget(QWidget):
             self.status.setText(html.escape(message, quote=False))
 
     def _fail(self, message: str) -> None:
-        self.status.setText(f"<span style='color:#e06c6c'>{html.escape(message, quote=False)}</span>")
-        show_error(f"Mamba Segmentation: {message}")
+        self.status.fail(message)

@@ -47,9 +47,11 @@ def models_root(tmp_path, monkeypatch):
 
 @pytest.fixture
 def errors(monkeypatch):
-    """The error notifications the widget raised."""
+    """The error notifications the widget raised (through its status line)."""
+    from napari_mamba_seg._napari import _status
+
     shown: list[str] = []
-    monkeypatch.setattr(_finetune_widget, "show_error", shown.append)
+    monkeypatch.setattr(_status, "show_error", shown.append)
     return shown
 
 

@@ -20,22 +20,34 @@ from napari_mamba_seg.io._atomic import integer_labels
 from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage
 from napari_mamba_seg.io.discover import discover_inputs, is_dicom_file
 from napari_mamba_seg.io.nifti import nifti_suffix, read_nifti, write_nifti
+from napari_mamba_seg.io.nnunet import (
+    NnUNetExport,
+    export_nnunet_case,
+    file_sha256,
+    sanitize_case_name,
+    write_provenance,
+)
 from napari_mamba_seg.io.tiff import read_tiff, tiff_suffix, write_tiff
 
 __all__ = [
     "ImageGeometry",
     "ImageReadError",
     "MedicalImage",
+    "NnUNetExport",
     "discover_inputs",
+    "export_nnunet_case",
+    "file_sha256",
     "read_dicom_seg",
     "read_image",
     "read_nifti",
     "read_tiff",
+    "sanitize_case_name",
     "supported_suffixes",
     "write_dicom_seg",
     "write_image",
     "write_labels",
     "write_nifti",
+    "write_provenance",
     "write_tiff",
 ]
 

@@ -1,11 +1,15 @@
-"""Durable file writes shared by bundles, training checkpoints and exporters (standard library only)."""
+"""Durable file writes and file hashes shared by bundles, training checkpoints and exporters (standard library
+only)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["fsync_directory", "write_durably"]
+__all__ = ["file_sha256", "fsync_directory", "write_durably"]
+
+_HASH_CHUNK_BYTES = 1 << 20
 
 
 def write_durably(path: Path, data: bytes) -> None:
@@ -28,3 +32,12 @@ def fsync_directory(path: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

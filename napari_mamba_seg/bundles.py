@@ -38,7 +38,7 @@ from safetensors.torch import save as safetensors_to_bytes
 from torch import nn
 
 from napari_mamba_seg import __version__
-from napari_mamba_seg._durable import fsync_directory, write_durably
+from napari_mamba_seg._durable import file_sha256, fsync_directory, write_durably
 from napari_mamba_seg.models import config_from_dict, config_to_dict, create_model, get_model_entry
 from napari_mamba_seg.models._registry import ModelEntry
 
@@ -75,7 +75,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 _ALIASES_METADATA = "napari_mamba_seg.aliases"
 _MAX_LISTED = 5
-_CHUNK_BYTES = 1 << 20
 
 
 class PickleNotAllowedError(ValueError):
@@ -508,15 +507,6 @@ def _bundle_names_in(root: Path) -> list[str]:
         for path in root.iterdir()
         if path.is_dir() and not path.name.startswith((".", "_")) and (path / CARD_FILE).is_file()
     )
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _bundled_root() -> Path:

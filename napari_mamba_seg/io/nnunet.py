@@ -20,7 +20,6 @@ This module imports numpy, nibabel (through :mod:`.nifti`) and the standard libr
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_mamba_seg._durable import file_sha256
 from napari_mamba_seg.io._atomic import WRITABLE_DTYPES, atomic_output, integer_labels
 from napari_mamba_seg.io._image import MedicalImage
 from napari_mamba_seg.io.nifti import write_nifti
@@ -48,7 +48,6 @@ _MAX_CASE_NAME = 120
 _CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
 _UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]+")
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
-_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -557,12 +556,3 @@ def _json_value(value: Any) -> Any:
         f"the provenance record holds a {type(value).__name__} ({value!r:.80}), which JSON cannot store; "
         "convert it to a string, number, list or dict"
     )
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()

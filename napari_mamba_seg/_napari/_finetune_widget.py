@@ -26,15 +26,12 @@ from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
-    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QSizePolicy,
     QSpinBox,
@@ -42,6 +39,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_mamba_seg._napari._controls import DeviceBox, RunControls
 from napari_mamba_seg._napari._segment import ModelInput, model_input_from_layers, segmentation_job
 from napari_mamba_seg._napari._segment_widget import RESULT_KEY
 from napari_mamba_seg._napari._status import StatusLine, layer_key
@@ -263,7 +261,6 @@ class FineTuneWidget(QWidget):
         self.last_targets: list[Target] = []
         self._cancel = threading.Event()
         self._build()
-        self._refresh_devices()
         self._refresh_layers()
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layers)
@@ -288,15 +285,11 @@ class FineTuneWidget(QWidget):
         self.lr.setValue(FineTuneSettings().lr)
         self.augment = QCheckBox("augment the patches (flips, rotations, intensity)")
         self.augment.setChecked(FineTuneSettings().augment)
-        self.device_box = QComboBox()
-        self.run_button = QPushButton("Fine-tune")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 100)
-        self.progress.setValue(0)
+        self.device_box = DeviceBox()
+        self.controls = RunControls("Fine-tune", self.run, self.cancel)
+        self.run_button = self.controls.run_button
+        self.cancel_button = self.controls.cancel_button
+        self.progress = self.controls.progress
         self.loss_plot = LossPlot()
         self.dice_label = QLabel("")
         self.dice_label.setWordWrap(True)
@@ -313,13 +306,9 @@ class FineTuneWidget(QWidget):
         form.addRow("Learning rate", self.lr)
         form.addRow("", self.augment)
         form.addRow("Device", self.device_box)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
+        layout.addWidget(self.controls)
         layout.addWidget(self.loss_plot)
         layout.addWidget(self.dice_label)
         layout.addWidget(self.status)
@@ -342,13 +331,6 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.versions_list)
         layout.addWidget(self.activate_button)
         return box
-
-    def _refresh_devices(self) -> None:
-        from napari_mamba_seg.inference import available_devices
-
-        self.device_box.clear()
-        for device, description in available_devices():
-            self.device_box.addItem(f"{device}: {description}", device)
 
     def _refresh_layers(self, event: Any = None) -> None:
         """List the Labels layers, keep the choice; a newly added one (a new segmentation) is chosen alone."""
@@ -469,7 +451,7 @@ class FineTuneWidget(QWidget):
             steps=self.steps.value(),
             lr=self.lr.value(),
             augment=self.augment.isChecked(),
-            device=self.device_box.currentData() or "auto",
+            device=self.device_box.device(),
         )
 
     # ---------------------------------------------------------------------------------------------- run
@@ -542,11 +524,9 @@ class FineTuneWidget(QWidget):
         self._set_running(False)
 
     def _set_running(self, running: bool, message: str = "") -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
+        self.controls.set_running(running)
         self.resegment_button.setEnabled(not running and self.last_version is not None)
         if running:
-            self.progress.setValue(0)
             self._say(message)
 
     # ----------------------------------------------------------------------------------------- re-segment
@@ -563,7 +543,7 @@ class FineTuneWidget(QWidget):
         self._cancel.clear()
         self._set_running(True, f"re-segmenting {len(targets)} layer(s) with {Path(folder).name}…")
         self.worker = start_job(
-            resegment_job(folder, self.device_box.currentData() or "auto", targets, cancel=self._cancel),
+            resegment_job(folder, self.device_box.device(), targets, cancel=self._cancel),
             on_progress=self._show_prediction,
             on_result=lambda results: self._write_results(folder, results),
             on_failure=self._on_error,

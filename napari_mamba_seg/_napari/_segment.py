@@ -25,8 +25,8 @@ class ModelInput:
 
     Attributes:
         image: ``(C, *spatial)`` array, one channel per layer (or the channel axis of one 4D layer).
-        spacing: Voxel size per spatial axis (the layers' ``scale``; mm for layers from our readers).
-        scale: ``scale`` of the Labels layer (the first layer's spatial scale).
+        spacing: Voxel size per spatial axis: the first layer's spatial ``scale`` (mm for layers from our readers),
+            also the Labels layer's ``scale``.
         translate: ``translate`` of the Labels layer.
         names: The layer names, in channel order.
         first_layer: The first layer: the Labels layer takes its placement and geometry metadata.
@@ -34,7 +34,6 @@ class ModelInput:
 
     image: np.ndarray
     spacing: tuple[float, ...]
-    scale: tuple[float, ...]
     translate: tuple[float, ...]
     names: list[str] = field(default_factory=list)
     first_layer: Any = None
@@ -81,7 +80,6 @@ def model_input_from_layers(layers: Sequence[Any]) -> ModelInput:
     return ModelInput(
         image=image,
         spacing=spatial_scale,
-        scale=spatial_scale,
         translate=spatial_translate,
         names=[layer.name for layer in layers],
         first_layer=first,

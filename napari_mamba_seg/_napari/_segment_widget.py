@@ -6,7 +6,6 @@ worker thread; this module only reads the form, starts the worker, shows its pro
 
 from __future__ import annotations
 
-import html
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,12 +21,12 @@ from qtpy.QtWidgets import (
     QLabel,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
+from napari_mamba_seg._napari._controls import DeviceBox, RunControls
 from napari_mamba_seg._napari._layer_data import labels_layer_kwargs
 from napari_mamba_seg._napari._segment import (
     ModelInput,
@@ -57,7 +56,6 @@ class SegmentWidget(QWidget):
         self._cancel = threading.Event()
         self._build()
         self._refresh_models()
-        self._refresh_devices()
         self._refresh_layers()
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layers)
@@ -75,7 +73,7 @@ class SegmentWidget(QWidget):
         model_row.addWidget(browse)
         self.card_label = QLabel()
         self.card_label.setWordWrap(True)
-        self.device_box = QComboBox()
+        self.device_box = DeviceBox()
         self.layer_list = QListWidget()
         self.layer_list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.layer_list.setToolTip("one layer, or several layers of one grid as the model's channels (list order)")
@@ -83,14 +81,10 @@ class SegmentWidget(QWidget):
         self.axis_box = QComboBox()
         self.axis_box.addItems(AXES)
         self.axis_box.setToolTip("slice axis of 2D models; auto = the axis with the largest voxel size")
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.progress = QProgressBar()
-        self.progress.setRange(0, 100)
-        self.progress.setValue(0)
+        self.controls = RunControls("Run", self.run, self.cancel)
+        self.run_button = self.controls.run_button
+        self.cancel_button = self.controls.cancel_button
+        self.progress = self.controls.progress
         self.status = StatusLine()
 
         form = QFormLayout()
@@ -99,13 +93,9 @@ class SegmentWidget(QWidget):
         form.addRow("Device", self.device_box)
         form.addRow("Image layers", self.layer_list)
         form.addRow("Slice axis", self.axis_box)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
+        layout.addWidget(self.controls)
         layout.addWidget(self.status)
         layout.addStretch(1)
 
@@ -120,13 +110,6 @@ class SegmentWidget(QWidget):
             self.model_box.addItem(f"{name} (yours)", name)
         self.model_box.blockSignals(False)
         self._show_card()
-
-    def _refresh_devices(self) -> None:
-        from napari_mamba_seg.inference import available_devices
-
-        self.device_box.clear()
-        for device, description in available_devices():
-            self.device_box.addItem(f"{device}: {description}", device)
 
     def _refresh_layers(self, event: Any = None) -> None:
         selected = set(self.selected_layer_names())
@@ -207,7 +190,7 @@ class SegmentWidget(QWidget):
         self._cancel.clear()
         job = segmentation_job(
             model,
-            self.device_box.currentData() or "auto",
+            self.device_box.device(),
             model_input,
             axis if axis == "auto" else int(axis),
             cancel=self._cancel,
@@ -225,12 +208,12 @@ class SegmentWidget(QWidget):
         """Ask the running job to stop before its next batch; no layer is added."""
         if self.worker is not None:
             self._cancel.set()
-            self.status.setText("cancelling…")
+            self.status.say("cancelling…")
 
     def _show_progress(self, update: Any) -> None:
         self.progress.setValue(round(100 * update.fraction))
         text = f"{update.stage}: {update.message}" if update.message else update.stage
-        self.status.setText(html.escape(text, quote=False))
+        self.status.say(text)
 
     def _add_result(self, result: SegmentationResult, model_input: ModelInput) -> None:
         try:
@@ -240,7 +223,7 @@ class SegmentWidget(QWidget):
                 f"Mamba Segmentation: the labels are placed like the image layer, without its file geometry ({error})"
             )
             kwargs = labels_layer_kwargs(result.class_names)
-            kwargs |= {"scale": model_input.scale, "translate": model_input.translate}
+            kwargs |= {"scale": model_input.spacing, "translate": model_input.translate}
         kwargs["metadata"][RESULT_KEY] = {
             "model": result.model_name,
             "model_sha256": result.model_sha256,
@@ -249,14 +232,14 @@ class SegmentWidget(QWidget):
         layer = self.viewer.add_labels(
             result.labels, name=labels_layer_name(model_input.names, result.model_name), **kwargs
         )
-        self.status.setText(html.escape(f"done: {layer.name!r} ({', '.join(result.class_names[1:])})", quote=False))
+        self.status.say(f"done: {layer.name!r} ({', '.join(result.class_names[1:])})")
         self.progress.setValue(100)
 
     def _on_error(self, error: BaseException) -> None:
         from napari_mamba_seg.inference import PredictionCancelled
 
         if isinstance(error, PredictionCancelled):
-            self.status.setText("cancelled: no layer was added")
+            self.status.say("cancelled: no layer was added")
             self.progress.setValue(0)
             show_info("Segmentation cancelled; no layer was added.")
             return
@@ -267,11 +250,9 @@ class SegmentWidget(QWidget):
         self._set_running(False)
 
     def _set_running(self, running: bool, message: str = "") -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
+        self.controls.set_running(running)
         if running:
-            self.progress.setValue(0)
-            self.status.setText(html.escape(message, quote=False))
+            self.status.say(message)
 
     def _fail(self, message: str) -> None:
         self.status.fail(message)

@@ -39,12 +39,12 @@ def worst_slices(prediction: np.ndarray, truth: np.ndarray, axis: int, k: int) -
 
 def dice_outside(prediction: np.ndarray, truth: np.ndarray, axis: int, excluded: list[int]) -> float:
     """Tumour Dice over the slices not in ``excluded`` (1.0 when both are empty there)."""
-    keep = np.ones(prediction.shape[axis], bool)
-    keep[excluded] = False
-    p = np.compress(keep, prediction == 1, axis=axis)
-    t = np.compress(keep, truth == 1, axis=axis)
-    total = p.sum() + t.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(p, t).sum() / total)
+    from napari_mamba_seg.training.metrics import dice_per_class
+
+    left_out = np.zeros(prediction.shape[axis], bool)
+    left_out[excluded] = True
+    ignore = np.broadcast_to(np.expand_dims(left_out, [a for a in range(prediction.ndim) if a != axis]), truth.shape)
+    return float(np.nan_to_num(dice_per_class(prediction, truth, 2, ignore=ignore)[1], nan=1.0))
 
 
 def run_case(model: str, image, truth: np.ndarray, name: str, k: int, settings) -> dict:

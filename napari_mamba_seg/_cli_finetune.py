@@ -46,6 +46,7 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
 
 def run_finetune(args: argparse.Namespace) -> int:
     """Read the studies, fine-tune, write the new bundle; one line per user error."""
+    from napari_mamba_seg.cli import _one_line
     from napari_mamba_seg.inference.files import USER_ERRORS
 
     output = Path(args.output)
@@ -70,7 +71,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         print("\ninterrupted: nothing was written", file=sys.stderr)
         return 130
     except USER_ERRORS as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     print(f"{folder}: held-out Dice {outcome.before:.3f} -> {outcome.after:.3f}")
     print(outcome.reason)

@@ -239,6 +239,7 @@ def train(
     from napari_mamba_seg.bundles import ModelCard
     from napari_mamba_seg.models import create_model
     from napari_mamba_seg.training import Trainer, TrainingConfig
+    from napari_mamba_seg.training.trainer import json_ready
 
     refuse = out / "summary.json"
     if refuse.exists() and not overwrite:
@@ -271,7 +272,7 @@ def train(
     result = trainer.train(progress=None if quiet else _print_progress)
     seconds = time.perf_counter() - started
     summary = {
-        "recipe": _json_ready(dataclasses.asdict(recipe)),
+        "recipe": json_ready(dataclasses.asdict(recipe)),
         "train_cases": [c.name for c in train_cases],
         "val_cases": [c.name for c in val_cases],
         "device": str(trainer.device),
@@ -289,14 +290,6 @@ def train(
 def _print_progress(update: Any) -> None:
     if (update.stage == "validate" and update.metrics) or (update.stage == "train" and update.step % 100 == 0):
         print(update.message, flush=True)
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------------- real breast case

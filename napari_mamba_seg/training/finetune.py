@@ -201,7 +201,7 @@ def finetune(
         foreground_fraction=0.5,
         augmentation=AugmentationConfig() if settings.augment else AugmentationConfig.none(),
     )
-    provenance = {"parent": _parent_name(bundle.folder), "parent_sha256": bundle.card.sha256, "studies": used}
+    provenance = {"parent": bundle.folder.name, "parent_sha256": bundle.card.sha256, "studies": used}
     provenance["settings"] = dataclasses.asdict(settings)
     card = bundle.fine_tuned_card(training_data=_training_text(bundle.card, used))
     trainer = Trainer(bundle.model, card, train_cases, holdout_cases or None, config)
@@ -289,10 +289,6 @@ def _array_sha256(array: np.ndarray) -> str:
     digest.update(f"{array.dtype.str}{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
-
-
-def _parent_name(folder: Path) -> str:
-    return folder.name
 
 
 def _training_text(parent: ModelCard, used: Sequence[dict[str, Any]]) -> str:

@@ -8,6 +8,7 @@ Subcommands:
     train     train or fine-tune a model on an nnU-Net v2 raw data set folder (napari_mamba_seg._cli_training)
     finetune  fine-tune a model bundle on corrected, reviewed slices of studies (napari_mamba_seg._cli_finetune)
     evaluate  per-case and mean Dice (and HD95) of a model bundle on an nnU-Net v2 raw data set folder
+    export    export corrected labels as NIfTI, TIFF, DICOM-SEG or an nnU-Net case (napari_mamba_seg._cli_export)
 
 Heavy imports (torch, napari, Qt) happen inside the subcommands, so ``--help`` is instant.
 """
@@ -30,7 +31,7 @@ PLUGIN_NAME = "napari-mamba-seg"
 
 
 DEMO_SAMPLE = "breast_dce_phantom"
-DEMO_WIDGETS = ("Segment", "Fine-tune", "Correct")
+DEMO_WIDGETS = ("Segment", "Fine-tune", "Export", "Correct")
 """Widgets docked by ``demo`` (those the manifest has), in this order; the others stay in the Plugins menu."""
 
 
@@ -49,8 +50,8 @@ def demo_widget_names() -> list[str]:
 
 
 def dock_demo_widgets(viewer: Any) -> dict[str, Any]:
-    """Dock the demo widgets: Segment above Fine-tune and Correct, which share a place as tabs (the last one docked,
-    Correct, in front). Name -> widget."""
+    """Dock the demo widgets: Segment above Fine-tune, Export and Correct, which share a place as tabs (the last one
+    docked, Correct, in front). Name -> widget."""
     widgets = {}
     for index, name in enumerate(demo_widget_names()):
         widgets[name] = viewer.window.add_plugin_dock_widget(PLUGIN_NAME, name, tabify=index >= 2)[1]
@@ -302,12 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.set_defaults(handler=run_models)
     _add_predict_parser(subcommands)
+    from napari_mamba_seg._cli_export import add_export_parser  # standard library only
     from napari_mamba_seg._cli_finetune import add_finetune_parser  # standard library only
     from napari_mamba_seg._cli_training import add_evaluate_parser, add_train_parser
 
     add_train_parser(subcommands)
     add_finetune_parser(subcommands)
     add_evaluate_parser(subcommands)
+    add_export_parser(subcommands)
     return parser
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from napari_mamba_seg.io._atomic import integer_labels
 from napari_mamba_seg.io._image import ImageGeometry, ImageReadError, MedicalImage
 from napari_mamba_seg.io.discover import discover_inputs, is_dicom_file
+from napari_mamba_seg.io.export import EXPORT_FORMATS, ExportResult, export_format_for, export_labels
 from napari_mamba_seg.io.nifti import nifti_suffix, read_nifti, write_nifti
 from napari_mamba_seg.io.nnunet import (
     NnUNetExport,
@@ -30,11 +31,15 @@ from napari_mamba_seg.io.nnunet import (
 from napari_mamba_seg.io.tiff import read_tiff, tiff_suffix, write_tiff
 
 __all__ = [
+    "EXPORT_FORMATS",
+    "ExportResult",
     "ImageGeometry",
     "ImageReadError",
     "MedicalImage",
     "NnUNetExport",
     "discover_inputs",
+    "export_format_for",
+    "export_labels",
     "export_nnunet_case",
     "file_sha256",
     "read_dicom_seg",

@@ -40,11 +40,12 @@ from qtpy.QtWidgets import (
 )
 
 from napari_mamba_seg._napari._controls import DeviceBox, RunControls
+from napari_mamba_seg._napari._layer_data import review_of
 from napari_mamba_seg._napari._segment import ModelInput, model_input_from_layers, segmentation_job
 from napari_mamba_seg._napari._segment_widget import RESULT_KEY
 from napari_mamba_seg._napari._status import StatusLine, layer_key
 from napari_mamba_seg._napari._workers import start_job
-from napari_mamba_seg.interactive.review import REVIEW_METADATA_KEY, ReviewState
+from napari_mamba_seg.interactive.review import ReviewState
 from napari_mamba_seg.training.finetune import (
     CorrectedStudy,
     FineTuneOutcome,
@@ -161,23 +162,6 @@ def write_unreviewed(labels: np.ndarray, prediction: np.ndarray, review: ReviewS
     changed = int(np.count_nonzero(labels[unreviewed] != new_values))
     labels[unreviewed] = new_values
     return changed
-
-
-def review_of(layer: Any) -> ReviewState | None:
-    """The layer's stored review state (None when nothing was ever marked).
-
-    Raises:
-        ValueError: A damaged record, or one for labels of another shape.
-    """
-    record = layer.metadata.get(REVIEW_METADATA_KEY)
-    if record is None:
-        return None
-    try:
-        state = ReviewState.from_dict(record)
-        state.check_fits(np.shape(layer.data))
-    except ValueError as error:
-        raise ValueError(f"layer {layer.name!r}: {error}") from error
-    return state
 
 
 # ------------------------------------------------------------------------------------------------ loss plot

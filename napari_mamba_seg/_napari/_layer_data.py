@@ -20,11 +20,14 @@ import colorsys
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from napari_mamba_seg.io._image import ImageGeometry, MedicalImage
+
+if TYPE_CHECKING:
+    from napari_mamba_seg.interactive.review import ReviewState
 
 __all__ = [
     "CHANNELS_AS",
@@ -34,6 +37,7 @@ __all__ = [
     "image_layer_data",
     "labels_layer_kwargs",
     "plugin_metadata",
+    "review_of",
 ]
 
 METADATA_KEY = "napari_mamba_seg"
@@ -425,3 +429,22 @@ def recovery_key(metadata: Mapping[str, Any] | None, shape: tuple[int, ...], nam
 
     entry = (metadata or {}).get(METADATA_KEY) or {}
     return journal_key(entry.get("source"), tuple(shape), entry.get("affine"), name)
+
+
+def review_of(layer: Any) -> ReviewState | None:
+    """The reviewed slices stored in a Labels layer's metadata by the Correct widget (None: nothing ever marked).
+
+    Raises:
+        ValueError: A damaged record, or one for labels of another shape; the message names the layer.
+    """
+    from napari_mamba_seg.interactive.review import REVIEW_METADATA_KEY, ReviewState  # scipy: only when needed
+
+    record = (layer.metadata or {}).get(REVIEW_METADATA_KEY)
+    if record is None:
+        return None
+    try:
+        state = ReviewState.from_dict(record)
+        state.check_fits(np.shape(layer.data))
+    except ValueError as error:
+        raise ValueError(f"layer {layer.name!r}: {error}") from error
+    return state

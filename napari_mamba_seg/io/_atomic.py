@@ -1,20 +1,25 @@
 """Safe file writing for the exporters: a temporary name in the target folder, then one atomic rename.
 
 No half-written file ever carries the final name, and an existing file is never replaced unless the caller
-passes ``overwrite=True``. Only the standard library is imported.
+passes ``overwrite=True``. :func:`atomic_output` writes one file; :class:`StagedFiles` writes several, all or none.
+Imports numpy and the standard library only (through :mod:`napari_mamba_seg._durable`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
+import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["WRITABLE_DTYPES", "atomic_output", "check_writable_dtype", "refuse_existing"]
+from napari_mamba_seg._durable import fsync_directory
+
+__all__ = ["WRITABLE_DTYPES", "StagedFiles", "atomic_output", "check_writable_dtype", "keep_copy", "refuse_existing"]
 
 # Dtypes every supported format stores and common tools read back (NIfTI and TIFF alike).
 WRITABLE_DTYPES = tuple(
@@ -122,3 +127,108 @@ def _move_into_place(temporary: Path, path: Path, overwrite: bool) -> None:
     except OSError:  # the file system has no hard links (FAT, some network shares)
         refuse_existing(path, overwrite=False)
         os.replace(temporary, path)
+
+
+def keep_copy(path: Path, backup: Path) -> None:
+    """A hard link of ``path`` at ``backup`` (a copy where the file system has no links)."""
+    try:
+        os.link(path, backup)
+    except OSError:
+        shutil.copy2(path, backup)
+
+
+class StagedFiles:
+    """Write files into a hidden staging folder, then move them all into place, or none.
+
+    ``stage(final)`` returns the path to write ``final``'s content to. ``commit(overwrite=..., remove=...)`` moves the
+    staged files into place in order (put a shared index such as ``dataset.json`` last), never over a file that
+    appeared meanwhile unless ``overwrite``, then deletes the files in ``remove``; a file replaced or deleted is kept
+    (hard link) in the staging folder until the end. Leaving the block with an exception (KeyboardInterrupt included),
+    before or during the commit, removes what was moved in, restores what was replaced or deleted and removes the
+    folders the block created (when empty). A file that cannot be restored keeps its earlier version in the staging
+    folder, which is then left in place: the only copy of a user's file is never deleted.
+
+    Args:
+        folder: Where the staging folder goes; on the same file system as every final path, so moves are renames.
+        prefix: The staging folder's name prefix, e.g. ``".nnunet-export-"`` (a leading dot hides it).
+        create: Folders to create on entry (with missing parents, ``folder`` included when listed); those that did
+            not exist are removed again, when empty, if the block fails.
+    """
+
+    def __init__(self, folder: Path, *, prefix: str, create: Sequence[Path] = ()) -> None:
+        self.folder = folder
+        self.staging = folder / f"{prefix}{uuid.uuid4().hex[:12]}"
+        self.create = list(create)
+        self.created: list[Path] = []
+        self.staged: list[tuple[Path, Path]] = []
+        self.moved: list[Path] = []
+        self.kept: list[tuple[Path, Path]] = []
+
+    def __enter__(self) -> StagedFiles:
+        for path in self.create:
+            self._make_folder(path)
+        self.staging.mkdir()
+        return self
+
+    def _make_folder(self, path: Path) -> None:
+        missing = list(itertools.takewhile(lambda parent: not parent.exists(), (path, *path.parents)))
+        path.mkdir(parents=True, exist_ok=True)
+        self.created.extend(reversed(missing))
+
+    def stage(self, final: Path) -> Path:
+        """A path in the staging folder for ``final``'s content (it ends with ``final``'s name, so its suffix)."""
+        staged = self.staging / f"{len(self.staged):03d}-{final.name}"
+        self.staged.append((staged, final))
+        return staged
+
+    def commit(self, *, overwrite: bool, remove: Sequence[Path] = ()) -> None:
+        """Move the staged files into place and delete ``remove``; all or nothing.
+
+        Raises:
+            FileExistsError: A final path exists and ``overwrite`` is False (everything moved is then rolled back).
+        """
+        for index, (staged, final) in enumerate(self.staged):
+            if final.exists():
+                if not overwrite:
+                    raise FileExistsError(f"{final} appeared during the export; refusing to overwrite it")
+                self._keep(final, index)
+            _move_into_place(staged, final, overwrite)
+            self.moved.append(final)
+        for index, path in enumerate(remove, start=len(self.staged)):
+            self._keep(path, index)
+            path.unlink()
+        for folder in dict.fromkeys(path.parent for path in [*self.moved, *remove]):
+            fsync_directory(folder)
+
+    def _keep(self, path: Path, index: int) -> None:
+        backup = self.staging / f"kept-{index:03d}-{path.name}"
+        keep_copy(path, backup)
+        self.kept.append((backup, path))
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        unrestored = self._roll_back() if exc_type is not None else []
+        if unrestored:  # never delete the only copy of a user's file
+            raise OSError(
+                f"The export to {self.folder} failed and could not restore {', '.join(map(str, unrestored))}; the "
+                f"earlier version(s) are kept in {self.staging}. Move them back by hand."
+            )
+        shutil.rmtree(self.staging, ignore_errors=True)
+        if exc_type is not None:
+            for path in reversed(self.created):
+                with contextlib.suppress(OSError):
+                    path.rmdir()  # only when empty
+
+    def _roll_back(self) -> list[Path]:
+        """Remove what was moved in, put back what was replaced or deleted; the files that could not be restored."""
+        restored = {path for _, path in self.kept}
+        for path in self.moved:
+            if path not in restored:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        unrestored = []
+        for backup, path in self.kept:
+            try:
+                os.replace(backup, path)
+            except OSError:
+                unrestored.append(path)
+        return unrestored

@@ -143,17 +143,25 @@ def write_dicom_seg(
     return path
 
 
+def non_dicom_origin(source: MedicalImage) -> str | None:
+    """Where ``source`` came from, e.g. ``"/data/a.nii.gz (format 'nifti')"``, when it cannot be the source of a
+    DICOM-SEG (not read from a DICOM series with its files listed); None when it can."""
+    files = source.metadata.get("files")
+    if source.format == "dicom" and files and files[0]:
+        return None
+    return f"{source.source or 'an in-memory array'} (format {source.format!r})"
+
+
 def _require_dicom_source(source: MedicalImage, path: Path) -> None:
     """ValueError unless ``source`` was read from a DICOM series (its files are needed for the references)."""
     if not isinstance(source, MedicalImage):
         raise TypeError(f"source must be a MedicalImage read from DICOM, got {type(source).__name__}")
-    files = source.metadata.get("files")
-    if source.format != "dicom" or not files or not files[0]:
-        origin = source.source or "an in-memory array"
+    origin = non_dicom_origin(source)
+    if origin is not None:
         raise ValueError(
             f"Cannot write {path}: DICOM-SEG needs a DICOM source (its segments reference the source's DICOM files), "
-            f"but the image was read from {origin} (format {source.format!r}). Write the labels as NIfTI (.nii.gz) or "
-            "TIFF instead, or segment the DICOM series itself."
+            f"but the image was read from {origin}. Write the labels as NIfTI (.nii.gz) or TIFF instead, or segment "
+            "the DICOM series itself."
         )
 
 

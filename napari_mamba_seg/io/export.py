@@ -69,9 +69,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from napari_mamba_seg._durable import file_sha256, fsync_directory, write_durably
-from napari_mamba_seg.io._atomic import integer_labels
+from napari_mamba_seg._durable import file_sha256, write_durably
+from napari_mamba_seg.io._atomic import StagedFiles, integer_labels, keep_copy
 from napari_mamba_seg.io._image import MedicalImage, matching_suffix
+from napari_mamba_seg.io.dicom_seg import non_dicom_origin
 from napari_mamba_seg.io.nifti import NIFTI_SUFFIXES
 from napari_mamba_seg.io.nnunet import (
     FILE_ENDING,
@@ -437,7 +438,7 @@ def _export_file(request: _Request) -> ExportResult:
     stale = [paths.mask] if not request.reviewed_only and paths.mask.exists() else []
     trusted = request.trusted()
     stored = request.labels if trusted is None else np.where(trusted, request.labels, 0)
-    with _StagedFiles(target.parent) as staging:
+    with StagedFiles(target.parent, prefix=".napari-mamba-seg-export-") as staging:
         request.say(f"writing {paths.labels.name}")
         staged_labels = staging.stage(paths.labels)
         _write_label_file(request, stored, staged_labels)
@@ -461,14 +462,13 @@ def _export_file(request: _Request) -> ExportResult:
 
 
 def _check_dicom_seg_request(request: _Request) -> None:
-    source, target = request.source, request.target
-    files = source.metadata.get("files")
-    if source.format != "dicom" or not files or not files[0]:
-        origin = source.source or "an in-memory array"
+    target = request.target
+    origin = non_dicom_origin(request.source)
+    if origin is not None:
         raise ValueError(
             f"Cannot export {target} as DICOM-SEG: a DICOM-SEG references the DICOM images it segments, but the "
-            f"labels' source was read from {origin} (format {source.format!r}). Export as NIfTI (.nii.gz) or TIFF "
-            "(.ome.tif) instead, or open the DICOM series itself and export its labels."
+            f"labels' source was read from {origin}. Export as NIfTI (.nii.gz) or TIFF (.ome.tif) instead, or open "
+            "the DICOM series itself and export its labels."
         )
     if request.reviewed_only:
         raise ValueError(
@@ -497,94 +497,6 @@ def _model_name(request: _Request) -> str | None:
     nested = facts.get("segmented_with")
     name = facts.get("model") or (nested.get("model") if isinstance(nested, dict) else None)
     return str(name) if name else None
-
-
-class _StagedFiles:
-    """Write files into a hidden folder beside their final places, then move them all into place, or none.
-
-    ``stage(final)`` returns the path to write ``final``'s content to. ``commit(overwrite, remove)`` moves them in
-    order (never over a file that appeared meanwhile, unless ``overwrite``) and deletes the files in ``remove``; a file
-    replaced or deleted is kept (hard link) in the staging folder until the end. Leaving the block without a commit, or
-    any failure during it (KeyboardInterrupt included), removes what was moved in and restores what was replaced.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.staging = folder / f".napari-mamba-seg-export-{uuid.uuid4().hex[:12]}"
-        self.staged: list[tuple[Path, Path]] = []
-        self.moved: list[Path] = []
-        self.kept: list[tuple[Path, Path]] = []
-
-    def __enter__(self) -> _StagedFiles:
-        self.staging.mkdir()
-        return self
-
-    def stage(self, final: Path) -> Path:
-        """A path in the staging folder (same name, so the writers see the suffix) for ``final``'s content."""
-        staged = self.staging / final.name
-        self.staged.append((staged, final))
-        return staged
-
-    def commit(self, *, overwrite: bool, remove: Sequence[Path] = ()) -> None:
-        """Move the staged files into place and delete ``remove``; all or nothing."""
-        for index, (staged, final) in enumerate(self.staged):
-            if final.exists():
-                if not overwrite:
-                    raise FileExistsError(f"{final} appeared during the export; refusing to overwrite it")
-                self._keep(final, index)
-            _move(staged, final, overwrite)
-            self.moved.append(final)
-        for index, path in enumerate(remove, start=len(self.staged)):
-            self._keep(path, index)
-            path.unlink()
-        fsync_directory(self.folder)
-
-    def _keep(self, path: Path, index: int) -> None:
-        backup = self.staging / f"kept-{index:03d}-{path.name}"
-        try:
-            os.link(path, backup)
-        except OSError:
-            shutil.copy2(path, backup)
-        self.kept.append((backup, path))
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        unrestored = self._roll_back() if exc_type is not None else []
-        if unrestored:  # never delete the only copy of a user's file
-            raise OSError(
-                f"The export to {self.folder} failed and could not restore {', '.join(map(str, unrestored))}; the "
-                f"earlier version(s) are kept in {self.staging}. Move them back by hand."
-            )
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def _roll_back(self) -> list[Path]:
-        """Remove what was moved in, put back what was replaced or deleted; the files that could not be restored."""
-        restored = {path for _, path in self.kept}
-        for path in self.moved:
-            if path not in restored:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-        unrestored = []
-        for backup, path in self.kept:
-            try:
-                os.replace(backup, path)
-            except OSError:
-                unrestored.append(path)
-        return unrestored
-
-
-def _move(staged: Path, final: Path, overwrite: bool) -> None:
-    """Rename ``staged`` to ``final``; without ``overwrite`` never over a file that exists (hard link, atomic)."""
-    if overwrite:
-        os.replace(staged, final)
-        return
-    try:
-        os.link(staged, final)  # fails when final exists
-    except FileExistsError:
-        raise FileExistsError(f"{final} appeared during the export; refusing to overwrite it") from None
-    except OSError:  # no hard links on this file system
-        if final.exists():
-            raise FileExistsError(f"{final} appeared during the export; refusing to overwrite it") from None
-        os.replace(staged, final)
 
 
 # --------------------------------------------------------------------------------------------- nnU-Net
@@ -679,10 +591,7 @@ class _CaseRollback:
             self.backup.mkdir()
         for index, path in enumerate(existing):
             backup = self.backup / f"{index:03d}-{path.name}"
-            try:
-                os.link(path, backup)
-            except OSError:
-                shutil.copy2(path, backup)
+            keep_copy(path, backup)
             self.kept[path] = backup
         return self
 

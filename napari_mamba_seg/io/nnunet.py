@@ -19,14 +19,11 @@ This module imports numpy, nibabel (through :mod:`.nifti`) and the standard libr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import unicodedata
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from napari_mamba_seg._durable import file_sha256
-from napari_mamba_seg.io._atomic import WRITABLE_DTYPES, atomic_output, integer_labels
+from napari_mamba_seg.io._atomic import WRITABLE_DTYPES, StagedFiles, atomic_output, integer_labels
 from napari_mamba_seg.io._image import MedicalImage
 from napari_mamba_seg.io.nifti import write_nifti
 
@@ -162,12 +159,13 @@ def export_nnunet_case(
     stored_labels, ignored = _labels_to_store(label_volume, trust, ignore_label)
     cases = _case_names_present(folder) | {name}
     dataset["numTraining"] = len(cases)
-    with _CaseTransaction(folder) as transaction:
+    subfolders = (folder / "imagesTr", folder / "labelsTr")
+    with StagedFiles(folder, prefix=".nnunet-export-", create=(folder, *subfolders)) as staging:
         for channel, path in enumerate(image_files):
-            transaction.stage(path, lambda target, c=channel: _write_channel(image, c, target))
-        transaction.stage(label_file, lambda target: _write_label_volume(stored_labels, image, target))
-        transaction.stage(folder / "dataset.json", lambda target: _write_json(dataset, target))
-        transaction.commit()
+            _write_channel(image, channel, staging.stage(path))
+        _write_label_volume(stored_labels, image, staging.stage(label_file))
+        _write_json(dataset, staging.stage(folder / "dataset.json"))
+        staging.commit(overwrite=True)  # the case was refused above unless overwrite; dataset.json is always replaced
     return NnUNetExport(
         folder=folder,
         case_name=name,
@@ -424,92 +422,6 @@ def _storable(array: np.ndarray) -> np.ndarray:
         fits = array.size == 0 or (int(array.min()) >= info.min and int(array.max()) <= info.max)
         return array.astype(np.int32 if fits else np.float64)
     raise ValueError(f"image voxels of dtype {array.dtype} cannot be exported; convert the image to real numbers")
-
-
-class _CaseTransaction:
-    """Stage files in a hidden folder inside the data set folder, then move them all into place, or none.
-
-    ``stage(path, write)`` calls ``write(temporary)``; ``commit()`` renames the staged files onto their final paths in
-    order (put ``dataset.json`` last), moving files they replace aside first. Leaving the ``with`` block without a
-    commit, or a failure during it, removes the staged files, deletes the files moved into place, restores the
-    replaced ones and removes the folders this transaction created (when empty).
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.staged: list[tuple[Path, Path]] = []
-        self.moved: list[Path] = []
-        self.replaced: list[tuple[Path, Path]] = []
-        self.created: list[Path] = []
-        self.staging = folder / f".nnunet-export-{uuid.uuid4().hex[:12]}"
-
-    def __enter__(self) -> _CaseTransaction:
-        for path in (self.folder, self.folder / "imagesTr", self.folder / "labelsTr"):
-            self._make_folder(path)
-        self.staging.mkdir()
-        return self
-
-    def _make_folder(self, path: Path) -> None:
-        missing = []
-        for parent in (path, *path.parents):
-            if parent.exists():
-                break
-            missing.append(parent)
-        path.mkdir(parents=True, exist_ok=True)
-        self.created.extend(reversed(missing))
-
-    def stage(self, final: Path, write: Callable[[Path], None]) -> None:
-        """Write ``final``'s content to a temporary file in the staging folder with ``write(temporary)``."""
-        temporary = self.staging / f"{len(self.staged):03d}_{final.name}"
-        write(temporary)
-        self.staged.append((temporary, final))
-
-    def commit(self) -> None:
-        """Move every staged file into place; a file it replaces is kept (linked) in the staging folder first."""
-        for index, (temporary, final) in enumerate(self.staged):
-            if final.exists():
-                backup = self.staging / f"replaced_{index:03d}_{final.name}"
-                _keep_copy(final, backup)
-                self.replaced.append((backup, final))
-            os.replace(temporary, final)  # atomic: the old file stays under its name until this rename
-            self.moved.append(final)
-        self.replaced.clear()  # committed: the kept copies go with the staging folder
-
-    def __exit__(self, *exc_info: object) -> None:
-        unrestored = self._roll_back() if exc_info[0] is not None else []
-        if unrestored:  # never delete the only copy of a user's file
-            raise OSError(
-                f"Export to {self.folder} failed and could not restore {', '.join(map(str, unrestored))}; the "
-                f"previous version(s) are kept in {self.staging}. Move them back by hand."
-            )
-        shutil.rmtree(self.staging, ignore_errors=True)
-        if exc_info[0] is not None:
-            for path in reversed(self.created):
-                with contextlib.suppress(OSError):
-                    path.rmdir()  # only when empty
-
-    def _roll_back(self) -> list[Path]:
-        """Delete the files moved into place and restore the replaced ones; returns the files not restored."""
-        restored = {final for _, final in self.replaced}
-        for final in self.moved:
-            if final not in restored:
-                with contextlib.suppress(FileNotFoundError):
-                    final.unlink()
-        unrestored = []
-        for backup, final in self.replaced:
-            try:
-                os.replace(backup, final)
-            except OSError:
-                unrestored.append(final)
-        return unrestored
-
-
-def _keep_copy(path: Path, backup: Path) -> None:
-    """A hard link of ``path`` at ``backup`` (a copy where the file system has no links)."""
-    try:
-        os.link(path, backup)
-    except OSError:
-        shutil.copy2(path, backup)
 
 
 # --------------------------------------------------------------------------------------------- provenance

@@ -16,6 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dicom_factory import write_dicom_series
+from nnunet_expected import CHANNELS, CLASSES, ONE_CASE_DATASET_JSON
 
 import napari_mamba_seg
 from napari_mamba_seg._durable import file_sha256
@@ -32,13 +33,12 @@ from napari_mamba_seg.io import (
     sanitize_case_name,
     write_tiff,
 )
+from napari_mamba_seg.io import _atomic as atomic_module
 from napari_mamba_seg.io import export as export_module
 from napari_mamba_seg.io.dicom import read_dicom_series
 from napari_mamba_seg.training.cases import NnUNetRawDataset
 
 SHAPE = (6, 32, 32)  # (z, y, x)
-CLASSES = ["background", "breast", "lesion"]
-CHANNELS = ["pre", "post"]
 # NIfTI (i, j, k) → RAS: oblique, anisotropic (2 mm slices along k = array axis 0).
 NIFTI_AFFINE = np.array([[0.0, -0.7, 0.1, 80.0], [0.7, 0.0, 0.0, -60.5], [0.0, 0.05, 2.0, 10.25], [0, 0, 0, 1]])
 
@@ -290,13 +290,7 @@ def test_nnunet_case_structure_and_dataset_reader(source: MedicalImage, tmp_path
         folder / "labelsTr" / "case01.nii.gz",
     )
     assert result.provenance_file == folder / "provenance" / "case01.json"
-    info = json.loads((folder / "dataset.json").read_text())
-    assert info == {
-        "channel_names": {"0": "pre", "1": "post"},
-        "labels": {"background": 0, "breast": 1, "lesion": 2},
-        "numTraining": 1,
-        "file_ending": ".nii.gz",
-    }
+    assert json.loads((folder / "dataset.json").read_text()) == ONE_CASE_DATASET_JSON
     for channel, path in enumerate(result.files[:2]):
         image = read_image(path)
         np.testing.assert_array_equal(image.array[0], source.array[channel])
@@ -532,14 +526,14 @@ def test_a_failure_while_moving_files_into_place_rolls_back(
 ) -> None:
     _export(_labels(0), source, out / "labels.nii.gz")
     before = _snapshot(out)
-    real_move = export_module._move
+    real_move = atomic_module._move_into_place
 
     def fail_on_provenance(staged: Path, final: Path, overwrite: bool) -> None:
         if final.name.endswith(".provenance.json"):
             raise OSError(5, "Input/output error")
         real_move(staged, final, overwrite)
 
-    monkeypatch.setattr(export_module, "_move", fail_on_provenance)
+    monkeypatch.setattr(atomic_module, "_move_into_place", fail_on_provenance)
     with pytest.raises(OSError, match="Input/output"):
         _export(_labels(1), source, out / "labels.nii.gz", review=_review(2), reviewed_only=True, overwrite=True)
     assert _snapshot(out) == before  # labels and mask were placed, then removed / restored

@@ -17,6 +17,7 @@ import contextlib
 import copy
 import csv
 import io
+import json
 import math
 import os
 import signal
@@ -31,6 +32,7 @@ from napari_mamba_seg.cli import _one_line, format_table
 if TYPE_CHECKING:
     from napari_mamba_seg.inference import Predictor
     from napari_mamba_seg.training import EvaluationResult, NnUNetRawDataset, Trainer, TrainingProgress
+    from napari_mamba_seg.training.distributed import DistributedContext
 
 __all__ = [
     "add_evaluate_parser",
@@ -49,6 +51,8 @@ DEFAULT_LR = 1e-3
 DEFAULT_VAL_FRACTION = 0.2
 DEFAULT_VAL_EVERY = 250
 DEFAULT_CHECKPOINT_EVERY = 250
+DEFAULT_CACHE_CASES = 8
+"""Prepared cases each process keeps in memory (the data set streams from disk; --cache-cases)."""
 # Options that only shape a new run: --resume continues the saved run with its own.
 NEW_RUN_OPTIONS = ("arch", "from_bundle", "patch_size", "normalization", "seed", "val_fraction", "val_cases")
 # Options --resume may change (TrainingConfig field names).
@@ -60,6 +64,7 @@ RESUMABLE_OPTIONS = {
     "val_every": "val_every",
     "checkpoint_every": "checkpoint_every",
     "patience": "early_stopping_patience",
+    "cache_cases": "cache_size",
 }
 _SPACING_RTOL = 1e-3
 
@@ -85,7 +90,10 @@ def add_train_parser(subcommands: argparse._SubParsersAction) -> None:
             "names shuffled with numpy.random.default_rng(SEED); the first round(FRACTION * cases) validate (at "
             "least one, never all). Ctrl-C stops after the current step and keeps the last checkpoint (Ctrl-C again "
             "stops at once). Exit status: 0 done, 1 training failed, 2 usage or data error (nothing trained), 130 "
-            "interrupted."
+            "interrupted. Several GPUs (or CPU processes): launch with torchrun, e.g. `torchrun --standalone "
+            "--nproc_per_node 4 -m napari_mamba_seg.cli train ...`: data-parallel, --batch-size is the global batch "
+            "(divisible by the number of processes), process 0 writes and prints; --resume works with another "
+            "number of processes."
         ),
     )
     train.add_argument("dataset", metavar="DATASET", help="nnU-Net v2 raw data set folder")
@@ -139,7 +147,8 @@ def add_train_parser(subcommands: argparse._SubParsersAction) -> None:
         "--resume",
         action="store_true",
         help="continue the run in OUTDIR at its step, on its cases; only --steps, --batch-size, --lr, --device, "
-        "--val-every, --checkpoint-every and --patience may change (a larger --steps trains longer)",
+        "--val-every, --checkpoint-every, --patience and --cache-cases may change (a larger --steps trains longer); "
+        "the number of processes may change too",
     )
     train.add_argument("--overwrite", action="store_true", help="replace the run in OUTDIR (its last/ and best/)")
     train.add_argument(
@@ -147,6 +156,13 @@ def add_train_parser(subcommands: argparse._SubParsersAction) -> None:
         choices=("zscore", "percentile"),
         help="input normalisation of a new model (default: percentile when every channel is named CT, as nnU-Net, "
         "else zscore)",
+    )
+    train.add_argument(
+        "--cache-cases",
+        type=int,
+        metavar="N",
+        help=f"cases are read from disk when drawn; keep the last N prepared ones in memory per process "
+        f"(default: {DEFAULT_CACHE_CASES}; more is faster, never changes the result)",
     )
     train.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     train.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
@@ -190,51 +206,117 @@ def add_evaluate_parser(subcommands: argparse._SubParsersAction) -> None:
 def run_train(args: argparse.Namespace) -> int:
     """Train, fine-tune or resume as the options say; one line per error, never a traceback for user errors.
 
+    Under torchrun (``WORLD_SIZE`` > 1) every process runs this: data-parallel training
+    (:mod:`napari_mamba_seg.training.distributed`), process 0 prints and writes the checkpoints, the others stay
+    silent unless they fail on their own, and every process returns the same status.
+
     Returns:
         0 when training ran to the end (or stopped early), 1 when it failed, 2 when it could not start, 130 when
         interrupted (``OUTDIR/last`` stays the last good checkpoint).
     """
     from napari_mamba_seg.inference.files import USER_ERRORS
+    from napari_mamba_seg.training.distributed import init_distributed, shutdown_distributed
 
     try:
-        trainer = _prepare_trainer(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted: nothing was trained", file=sys.stderr)
-        return 130
+        context = init_distributed(_requested_device(args))
     except USER_ERRORS as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # the same error in every process: said once
+            print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # the rendezvous of the processes failed (torch.distributed's errors)
+        print(f"error: could not start data-parallel training: {_one_line(error)}", file=sys.stderr)
+        return 1
+    try:
+        return _run_train(args, context)
+    finally:
+        shutdown_distributed()
+
+
+def _run_train(args: argparse.Namespace, context: DistributedContext | None) -> int:
+    """:func:`run_train` once the process group (if any) is set up."""
+    from napari_mamba_seg.inference.files import USER_ERRORS
+    from napari_mamba_seg.training.distributed import OtherProcessFailed, run_main_first
+
+    main = context is None or context.is_main
+    try:
+        with _silenced(not main):  # process 0 prepares first, then the others (run_main_first)
+            trainer = run_main_first(lambda: _prepare_trainer(args))
+    except KeyboardInterrupt:
+        _report("\ninterrupted: nothing was trained", context)
+        return 130
+    except (*USER_ERRORS, OtherProcessFailed) as error:
+        _report(f"error: {_one_line(error)}", context)
         return 2
     import torch
 
     output = Path(args.output)
     if trainer.step >= trainer.config.steps:
-        print(f"{output} is already at step {trainer.step} of {trainer.config.steps}; give a larger --steps")
+        if main:
+            print(f"{output} is already at step {trainer.step} of {trainer.config.steps}; give a larger --steps")
         return 0
     try:
-        result = _train_with_progress(trainer, args.quiet)
+        with _silenced(not main):
+            result = _train_with_progress(trainer, args.quiet or not main)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {_checkpoint_note(output, args)}", file=sys.stderr)
+        _report(f"\ninterrupted: {_checkpoint_note(output, args)}", context)
         return 130
     except (*USER_ERRORS, FloatingPointError) as error:
-        print(f"error: {_one_line(error)}; {_checkpoint_note(output, args)}", file=sys.stderr)
+        # a diverged loss is the global batch's loss: the same on every process, reported once
+        _report(
+            f"error: {_one_line(error)}; {_checkpoint_note(output, args)}",
+            context,
+            isinstance(error, FloatingPointError),
+        )
         return 1
     except torch.OutOfMemoryError as error:
-        print(
+        message = (
             f"error: out of {trainer.device.type.upper()} memory ({_one_line(error)[:200]}); lower --batch-size or "
-            f"--patch-size; {_checkpoint_note(output, args)}",
-            file=sys.stderr,
+            f"--patch-size; {_checkpoint_note(output, args)}"
         )
+        _report(message, context, False)
         return 1
     except Exception as error:
         if args.debug:
             raise
-        print(f"{_unexpected(error)}; {_checkpoint_note(output, args)}", file=sys.stderr)
+        _report(f"{_unexpected(error)}; {_checkpoint_note(output, args)}", context, False)
         return 1
     if result.cancelled:
-        print(f"interrupted at step {result.step}: {_checkpoint_note(output, args)}", file=sys.stderr)
+        _report(f"interrupted at step {result.step}: {_checkpoint_note(output, args)}", context)
         return 130
-    _print_outcome(result, trainer)
+    if main:
+        _print_outcome(result, trainer)
     return 0
+
+
+def _requested_device(args: argparse.Namespace) -> str:
+    """The device the run asks for (--device, else a resumed run's, else auto); it picks the process group's backend."""
+    from napari_mamba_seg.training import LAST
+    from napari_mamba_seg.training.checkpoint import STATE_JSON
+
+    if args.device:
+        return args.device
+    if args.resume:  # an unreadable state is reported, with its file name, when the run is prepared
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            return str(json.loads((Path(args.output) / LAST / STATE_JSON).read_text("utf-8"))["config"]["device"])
+    return "auto"
+
+
+def _report(message: str, context: DistributedContext | None, same_on_every_process: bool = True) -> None:
+    """Print ``message`` on stderr: from process 0; from another process only what it alone may know, tagged."""
+    if context is None or context.is_main:
+        print(message, file=sys.stderr)
+    elif not same_on_every_process:
+        print(f"[process {context.rank} of {context.world_size}] {message.strip()}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _silenced(silent: bool) -> Iterator[None]:
+    """With ``silent``, nothing on stdout or stderr (data-parallel processes other than 0: process 0 speaks)."""
+    if not silent:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
 
 
 def split_cases(
@@ -336,6 +418,8 @@ def _new_trainer(
     val: NnUNetRawDataset | None,
     training_data: str,
 ) -> Trainer:
+    import torch
+
     from napari_mamba_seg.bundles import ModelCard
     from napari_mamba_seg.models import create_model, get_model_entry
     from napari_mamba_seg.training import Trainer, TrainingConfig
@@ -350,6 +434,7 @@ def _new_trainer(
         early_stopping_patience=args.patience,
         seed=_or_default(args.seed, 0),
         device=_or_default(args.device, "auto"),
+        cache_size=_or_default(args.cache_cases, DEFAULT_CACHE_CASES),
     )
     if args.from_bundle is not None:
         _check_bundle_fits(args.from_bundle, dataset)
@@ -365,7 +450,9 @@ def _new_trainer(
         training_data=training_data,
         description=f"trained with `napari-mamba-seg train` on {dataset.folder.name}",
     )
-    model = create_model(args.arch, in_channels=len(dataset.channel_names), num_classes=dataset.num_classes)
+    with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, whatever ran before
+        torch.manual_seed(config.seed)
+        model = create_model(args.arch, in_channels=len(dataset.channel_names), num_classes=dataset.num_classes)
     return Trainer(model, card, train, val, config, args.output, overwrite=args.overwrite)
 
 
@@ -388,6 +475,8 @@ def _resumed_trainer(args: argparse.Namespace, dataset: NnUNetRawDataset) -> Tra
         )
     changes = {field: getattr(args, option) for option, field in RESUMABLE_OPTIONS.items()}
     changes = {field: value for field, value in changes.items() if value is not None}
+    if state.get("config", {}).get("cache_size") is None:  # a run saved before --cache-cases: stream it too
+        changes.setdefault("cache_size", DEFAULT_CACHE_CASES)
     val = _subset(dataset, val_names) if val_names else None
     return Trainer.resume(output, _subset(dataset, train_names), val, **changes)
 

@@ -134,6 +134,7 @@ def _script() -> Path:
                 "--resume",
                 "--overwrite",
                 "--normalization",
+                "--cache-cases",
                 "--quiet",
                 "--debug",
             ],
@@ -150,6 +151,8 @@ def test_help_documents_the_command_and_every_option(command: str, options: list
     text = capsys.readouterr().out
     assert exit_info.value.code == 0 and f"usage: napari-mamba-seg {command}" in text
     assert "nnU-Net v2 raw data set" in text and "Exit status" in text
+    if command == "train":
+        assert "torchrun" in text
     for option in options:
         assert option in text, option
     assert command in cli.__doc__

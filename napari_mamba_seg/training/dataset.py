@@ -15,6 +15,11 @@ Sampling of sample ``i``:
    axis (``"auto"`` = the axis with the coarsest spacing, as the predictor slices);
 4. the augmentation (:class:`~napari_mamba_seg.training.augmentation.Augmenter`), seeded from the same sample seed.
 
+Optional per-voxel loss weights (``voxel_weights``, one array per case) are cut, sliced, resampled (nearest) and
+augmented exactly like the labels: the augmenter moves ``labels * n + i`` (``i`` the index of the voxel's weight
+among the ``n`` distinct weights of the patch), which flips, rotates and zooms with nearest neighbours exactly, and
+the weights are read back from it; the image, labels and trust mask come out as without weights.
+
 Each case is normalised once, channel by channel, with the inference code and the card's ``normalization`` dict
 (:func:`napari_mamba_seg.inference.normalize_image`), and, when a target spacing is given (cards with
 ``resample=True``), resampled to it like the predictor does (linear image, nearest labels; in-plane only for 2D
@@ -24,6 +29,7 @@ models).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -71,6 +77,7 @@ class PreparedCase:
         trusted_voxels: Flat indices of (up to :data:`MAX_TRUSTED_VOXELS`) trusted voxels, or None when every
             voxel is trusted.
         name: The case name.
+        weight: ``(*spatial)`` float32 loss weight of each voxel, or None (no weights: all 1).
     """
 
     image: np.ndarray
@@ -80,6 +87,7 @@ class PreparedCase:
     foreground: dict[int, np.ndarray]
     trusted_voxels: np.ndarray | None
     name: str
+    weight: np.ndarray | None = None
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
@@ -105,9 +113,12 @@ class SegmentationDataset(Dataset):
         augmenter: Applied to every patch; None = no augmentation.
         seed: The seed of every random choice.
         cache_size: For a lazy ``cases`` sequence, how many prepared cases to keep; None = all.
+        voxel_weights: One ``(*spatial)`` array of finite loss weights >= 0 per case (None for a case = all 1), on
+            the case's grid; None = no weights.
 
     Each item is a dict: ``"image"`` ``(C, *patch)`` float32, ``"labels"`` ``(*patch)`` int64, ``"trusted"``
-    ``(*patch)`` bool, ``"case"`` (int index into ``cases``), ``"foreground"`` (bool: a foreground-centred sample).
+    ``(*patch)`` bool, ``"case"`` (int index into ``cases``), ``"foreground"`` (bool: a foreground-centred sample),
+    and with ``voxel_weights`` ``"weight"`` ``(*patch)`` float32 (0 where untrusted).
 
     Raises:
         ValueError: Bad arguments, or a case that does not fit the model (the message names it).
@@ -128,6 +139,7 @@ class SegmentationDataset(Dataset):
         augmenter: Augmenter | None = None,
         seed: int = 0,
         cache_size: int | None = None,
+        voxel_weights: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -142,6 +154,9 @@ class SegmentationDataset(Dataset):
             raise ValueError("no training cases: give at least one TrainingCase")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if voxel_weights is not None and len(voxel_weights) != len(cases):
+            raise ValueError(f"{len(voxel_weights)} voxel_weights for {len(cases)} cases: give one per case (or None)")
+        self.voxel_weights = voxel_weights
         self.cases = cases
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
@@ -160,7 +175,7 @@ class SegmentationDataset(Dataset):
         self._lazy = isinstance(cases, NnUNetRawDataset) or not isinstance(cases, list | tuple)
         if not self._lazy:
             for index in range(len(cases)):
-                self._cache[index] = self.prepare(cases[index])
+                self._cache[index] = self.prepare(cases[index], self._weight_of(index))
 
     @property
     def num_cases(self) -> int:
@@ -173,16 +188,25 @@ class SegmentationDataset(Dataset):
         if prepared is not None:
             self._cache.move_to_end(index)
             return prepared
-        prepared = self.prepare(self.cases[index])
+        prepared = self.prepare(self.cases[index], self._weight_of(index))
         self._cache[index] = prepared
         if self.cache_size is not None:
             while len(self._cache) > max(1, self.cache_size):
                 self._cache.popitem(last=False)
         return prepared
 
-    def prepare(self, case: TrainingCase) -> PreparedCase:
-        """Check ``case`` against the model, normalise (and resample) it, and find its centre candidates."""
+    def _weight_of(self, index: int) -> np.ndarray | None:
+        """Case ``index``'s voxel weights: None without ``voxel_weights``, all 1 for a case given None."""
+        if self.voxel_weights is None:
+            return None
+        weight = self.voxel_weights[index]
+        return np.ones(self.cases[index].spatial_shape, np.float32) if weight is None else weight
+
+    def prepare(self, case: TrainingCase, weight: np.ndarray | None = None) -> PreparedCase:
+        """Check ``case`` (and its ``(*spatial)`` voxel ``weight``, if any) against the model, normalise (and
+        resample) it, and find its centre candidates."""
         self._check_case(case)
+        weight = None if weight is None else _checked_weight(weight, case)
         spatial = case.spatial_shape
         axis = slice_axis_for(case.spacing, self.slice_axis) if self.spatial_dims == 2 and len(spatial) == 3 else None
         image = normalize_image(case.image, self.normalization)
@@ -190,7 +214,10 @@ class SegmentationDataset(Dataset):
         if trusted is not None and trusted.all():
             trusted = None
         if self.target_spacing is not None:
-            image, labels, trusted = self._resample(case, axis, image, labels, trusted)
+            resampled_image, labels, trusted = self._resample(case, axis, image, labels, trusted)
+            if weight is not None and resampled_image.shape != image.shape:
+                weight = _nearest(weight, resampled_image.shape[1:])
+            image = resampled_image
         rng = np.random.default_rng([self.seed, 0x5EED])  # subsampling of the centre candidates only
         return PreparedCase(
             image=image,
@@ -200,6 +227,7 @@ class SegmentationDataset(Dataset):
             foreground=_foreground_voxels(labels, trusted, rng),
             trusted_voxels=None if trusted is None else _subsample(np.flatnonzero(trusted), MAX_TRUSTED_VOXELS, rng),
             name=case.name,
+            weight=weight,
         )
 
     def _check_case(self, case: TrainingCase) -> None:
@@ -265,16 +293,30 @@ class SegmentationDataset(Dataset):
         image_t = torch.from_numpy(image)
         labels_t = torch.from_numpy(labels.astype(np.int64))
         trusted_t = torch.from_numpy(trusted)
+        weight_t = None if case.weight is None else torch.from_numpy(self._crop_weight(case, centre))
         if self.augmenter is not None:
             generator = torch.Generator().manual_seed(int(rng.integers(2**63 - 1)))
-            image_t, labels_t, trusted_t = self.augmenter(image_t, labels_t, trusted_t, generator=generator)
-        return {
+            if weight_t is None:
+                image_t, labels_t, trusted_t = self.augmenter(image_t, labels_t, trusted_t, generator=generator)
+            else:
+                image_t, labels_t, trusted_t, weight_t = _augment_with_weight(
+                    self.augmenter, image_t, labels_t, trusted_t, weight_t, generator
+                )
+        item = {
             "image": image_t,
             "labels": labels_t,
             "trusted": trusted_t,
             "case": case_index,
             "foreground": used_foreground,
         }
+        if weight_t is not None:
+            item["weight"] = torch.where(trusted_t, weight_t, 0.0)
+        return item
+
+    def _crop_weight(self, case: PreparedCase, centre: tuple[int, ...]) -> np.ndarray:
+        """The ``(*patch)`` float32 weights around ``centre``, cut exactly like the image (0 where padded)."""
+        weight_as_image = dataclasses.replace(case, image=case.weight[None])
+        return self._crop(weight_as_image, centre)[0][0]
 
     def _centre(self, case: PreparedCase, foreground: bool, rng: np.random.Generator) -> tuple[tuple[int, ...], bool]:
         """A centre voxel (array order) and whether it lies on foreground."""
@@ -312,6 +354,44 @@ class SegmentationDataset(Dataset):
         out_labels[target] = labels[source]
         out_trusted[target] = True if trusted is None else trusted[source]
         return out_image, out_labels, out_trusted
+
+
+def _checked_weight(weight: np.ndarray, case: TrainingCase) -> np.ndarray:
+    """``weight`` as float32 if it fits ``case`` and is finite and >= 0, else a ValueError naming the case."""
+    weight = np.asarray(weight)
+    if weight.shape != case.spatial_shape or weight.dtype.kind not in "biuf":
+        raise ValueError(
+            f"case {case.name!r}: voxel weights of shape {weight.shape} and dtype {weight.dtype} do not fit its "
+            f"spatial shape {case.spatial_shape}; give one real weight per voxel"
+        )
+    weight = weight.astype(np.float32)
+    if not np.all(np.isfinite(weight) & (weight >= 0)):
+        raise ValueError(f"case {case.name!r}: voxel weights must be finite and >= 0")
+    return weight
+
+
+def _augment_with_weight(
+    augmenter: Augmenter,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    trusted: torch.Tensor,
+    weight: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Augment a patch and its ``(*patch)`` weights with one draw: the weights ride in the labels (module docstring).
+
+    Returns:
+        ``(image, labels, trusted, weight)`` as the augmenter returns them, and the moved weights.
+    """
+    values, index = torch.unique(weight, return_inverse=True)
+    count = len(values)
+    combined = labels.long() * count + index
+    if int(combined.max()) >= 2**24:  # the affine transform moves labels as float32: exact below 2**24
+        raise ValueError(
+            f"a patch has {count} distinct voxel weights: too many to augment exactly; use fewer distinct weights"
+        )
+    image, combined, trusted = augmenter(image, combined, trusted, generator=generator)
+    return image, combined // count, trusted, values[combined % count]
 
 
 def _foreground_voxels(

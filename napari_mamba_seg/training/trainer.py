@@ -15,6 +15,13 @@ inside ``torch.random.fork_rng``, for dropout and stochastic depth). No RNG stat
 resumed at step ``s`` (or run with another number of data-loading workers) draws exactly the batches of an
 uninterrupted one. The learning rate is a function of the global step too.
 
+Data-parallel (several processes, torchrun): a trainer built inside
+:func:`napari_mamba_seg.training.distributed.init_distributed` trains as one rank of the group: it draws its share
+of each global batch, its loss is the loss of the whole global batch, DDP averages the gradients, the validation
+cases are split between the ranks, every rank stops (cancel, early stopping) at the same step, and rank 0 alone
+writes checkpoints. The update equals the single-process update up to float32 summation order, and a checkpoint
+resumes with any number of processes (see that module).
+
 On the CPU each step and each validation runs with oneDNN (``torch.backends.mkldnn``) off unless
 ``TrainingConfig.cpu_onednn`` is set. Why: with torch 2.13 a oneDNN convolution backward spins for more than 10
 minutes in some models (tests/conftest.py), a oneDNN backward of test_umamba_enc crashed the process (double free)
@@ -36,6 +43,7 @@ import shutil
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +54,7 @@ from torch import nn
 from napari_mamba_seg._generators import CancelSignal, cancel_predicate, run_to_end
 from napari_mamba_seg.bundles import CARD_FILE, ModelCard, load_bundle
 from napari_mamba_seg.inference import PredictionSettings, Predictor
-from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision, select_device
+from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision
 from napari_mamba_seg.inference.device import autocast as autocast_context
 from napari_mamba_seg.inference.normalization import check_normalization
 from napari_mamba_seg.inference.predictor import check_card
@@ -61,6 +69,19 @@ from napari_mamba_seg.training.checkpoint import (
     write_checkpoint,
 )
 from napari_mamba_seg.training.dataset import SegmentationDataset
+from napari_mamba_seg.training.distributed import (
+    GlobalBatchSampler,
+    agreed_predicate,
+    check_global_batch,
+    current_context,
+    gather_indexed,
+    global_sum,
+    is_main_process,
+    split_indices,
+    sync_buffers,
+    training_device,
+    wrap_model,
+)
 from napari_mamba_seg.training.evaluation import (
     MEAN_DICE,
     case_metrics,
@@ -121,6 +142,9 @@ class TrainingConfig:
             for full-size models, but a oneDNN backward hangs or crashes in some models with torch 2.13 (see the
             module docstring). False (the default) turns it off during training.
         augmentation: The augmentation settings.
+        cache_size: Lazily read training cases (an ``NnUNetRawDataset``): how many prepared (read, normalised) cases
+            each data-loading process keeps in memory, the least recently drawn dropped first; None = all of them.
+            Changes the speed, never the batches. In-memory case lists are prepared once whatever this says.
     """
 
     steps: int = 1000
@@ -146,6 +170,7 @@ class TrainingConfig:
     validation_overlap: float = 0.5
     cpu_onednn: bool = False
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
+    cache_size: int | None = None
 
     def __post_init__(self) -> None:
         """Check the values (a dict from JSON becomes an :class:`AugmentationConfig`, lists become tuples)."""
@@ -179,6 +204,10 @@ class TrainingConfig:
             (_is_int(self.num_workers) and self.num_workers >= 0, "num_workers must be an integer >= 0"),
             (0 <= self.foreground_fraction <= 1, "foreground_fraction must lie in [0, 1]"),
             (0 <= self.validation_overlap < 1, "validation_overlap must lie in [0, 1)"),
+            (
+                self.cache_size is None or (_is_int(self.cache_size) and self.cache_size >= 1),
+                "cache_size must be None or an integer >= 1",
+            ),
         ]
         problems = [message for ok, message in checks if not ok]
         if problems:
@@ -314,6 +343,9 @@ class Trainer:
         output_dir: Where ``last/`` and ``best/`` go; None = no checkpoints (the trained model is in the result).
         overwrite: Start a new run in an ``output_dir`` that holds one: its ``last/`` and ``best/`` are deleted now.
             Otherwise that is refused.
+        voxel_weights: Loss weights per voxel, one ``(*spatial)`` array (or None = all 1) per training case, e.g.
+            the voxels a clinician corrected weighted up; None = unweighted. Not saved in checkpoints
+            (:meth:`resume` trains unweighted).
 
     Raises:
         ValueError: The model is not a registered architecture, a bad config or card, or a case that does not fit.
@@ -330,9 +362,11 @@ class Trainer:
         output_dir: str | os.PathLike[str] | None = None,
         *,
         overwrite: bool = False,
+        voxel_weights: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         output = None if output_dir is None else Path(output_dir)
-        self._build(model, card, train_cases, val_cases, config or TrainingConfig(), output)
+        config = config or TrainingConfig()
+        self._build(model, card, train_cases, val_cases, config, output, voxel_weights=voxel_weights)
         if output is not None:  # after every check passed: nothing is deleted for a run that cannot start
             _claim_output_dir(output, overwrite)
 
@@ -423,6 +457,8 @@ class Trainer:
         val_cases: Sequence[TrainingCase] | None,
         config: TrainingConfig,
         output_dir: Path | None,
+        *,
+        voxel_weights: Sequence[np.ndarray | None] | None = None,
     ) -> None:
         _check_model(model)
         self.model: SegmentationModel = model
@@ -430,16 +466,25 @@ class Trainer:
         self.output_dir = output_dir
         self.patch_size = _patch_size(config, card, model.spatial_dims)
         self.card = _training_card(card or ModelCard(), model, self.patch_size, train_cases, val_cases, config)
-        self.device = select_device(config.device)
+        self.distributed = current_context()  # data-parallel when built inside init_distributed (torchrun)
+        if self.distributed is not None:
+            check_global_batch(config.batch_size, self.distributed.world_size)
+        self.device = training_device(config.device)
         self.precision = resolve_precision(config.precision, self.device)
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(f"precision 'fp16' needs a CUDA device (got {self.device}); use 'bf16' or 'fp32'")
         self.model.to(self.device).train()
+        # the module a training step calls: the model, or DDP around it (same parameters) when data-parallel, made at
+        # the first step: wrapping is a collective, and the ranks build their trainers one after the other
+        self._step_model: nn.Module | None = self.model if self.distributed is None else None
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.schedule = WarmupCosineSchedule(config.lr, config.steps, config.warmup_steps)
         self.loss_fn = DiceCELoss(
-            dice_weight=config.dice_weight, ce_weight=config.ce_weight, batch_dice=config.batch_dice
+            dice_weight=config.dice_weight,
+            ce_weight=config.ce_weight,
+            batch_dice=config.batch_dice,
+            sum_across_processes=None if self.distributed is None else partial(global_sum, context=self.distributed),
         )
         self.dataset = SegmentationDataset(
             train_cases,
@@ -453,6 +498,8 @@ class Trainer:
             target_spacing=self.card.spacing if self.card.resample else None,
             augmenter=Augmenter(config.augmentation),
             seed=config.seed,
+            voxel_weights=voxel_weights,
+            cache_size=config.cache_size,
         )
         self.train_cases = train_cases
         self.val_cases = val_cases if val_cases is not None and len(val_cases) > 0 else None
@@ -492,17 +539,18 @@ class Trainer:
         half-written, and no torch state (autocast, oneDNN flag) is held while it is suspended.
         """
         is_cancelled = cancel_predicate(cancel)
+        stop_requested = agreed_predicate(is_cancelled, self.distributed)  # data-parallel: every rank stops together
         start = self.step
         stopped_early = cancelled = False
         batches = self._batches(start)
         try:
             while self.step < self.config.steps:
-                if is_cancelled():
+                if stop_requested():
                     cancelled = True
                     break
                 loss = self.train_step(next(batches))
                 yield self._progress("train", loss)
-                if is_cancelled():
+                if stop_requested():
                     cancelled = True
                     break
                 validated = False
@@ -530,18 +578,21 @@ class Trainer:
         return self._result(start, stopped_early, cancelled)
 
     def _batches(self, start_step: int) -> Iterator[dict[str, Any]]:
-        """The local batches of the global steps ``start_step ...``: samples ``step * batch_size + i``."""
-        size = self.config.batch_size
-        indices = range(start_step * size, self.config.steps * size)
+        """The local batches of the global steps ``start_step ...``: samples ``step * batch_size + i``, of which a
+        data-parallel rank draws only its share (:func:`~napari_mamba_seg.training.distributed.rank_slice`)."""
+        context = self.distributed
+        steps = GlobalBatchSampler(
+            start_step,
+            self.config.steps,
+            self.config.batch_size,
+            rank=0 if context is None else context.rank,
+            world_size=1 if context is None else context.world_size,
+        )
         if self.config.num_workers == 0:
-            return (
-                torch.utils.data.default_collate([self.dataset[i] for i in indices[k : k + size]])
-                for k in range(0, len(indices), size)
-            )
+            return (torch.utils.data.default_collate([self.dataset[i] for i in indices]) for indices in steps)
         loader = torch.utils.data.DataLoader(
             self.dataset,
-            batch_size=size,
-            sampler=indices,
+            batch_sampler=steps,
             num_workers=self.config.num_workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -553,7 +604,8 @@ class Trainer:
         :meth:`iter_train` calls this for every step; call it directly only for custom loops and tests.
 
         Args:
-            batch: ``{"image": (b, C, *patch) float32, "labels": (b, *patch) int64, "trusted": (b, *patch) bool}``,
+            batch: ``{"image": (b, C, *patch) float32, "labels": (b, *patch) int64, "trusted": (b, *patch) bool}``
+                and optionally ``"weight": (b, *patch)`` float32 voxel weights of the loss (see :class:`DiceCELoss`),
                 e.g. ``torch.utils.data.default_collate([trainer.dataset[i] for i in ...])``; any device.
 
         Returns:
@@ -563,21 +615,26 @@ class Trainer:
             FloatingPointError: The loss is NaN or infinite (the weights are not updated).
         """
         self.model.train()
+        if self._step_model is None:  # data-parallel: every rank wraps the model at its first step
+            self._step_model = wrap_model(self.model, self.distributed)
         lr = self.schedule.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         image = batch["image"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         trusted = batch["trusted"].to(self.device, non_blocking=True)
+        weight = batch.get("weight")
+        weight = None if weight is None else weight.to(self.device, non_blocking=True)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []  # the CPU RNG is always forked
         with (
             torch.random.fork_rng(devices=devices, device_type="cuda"),
             cpu_training_flags(self.device, onednn=self.config.cpu_onednn),
         ):
-            torch.manual_seed(step_seed(self.config.seed, self.step))
+            rank = 0 if self.distributed is None else self.distributed.rank
+            torch.manual_seed(step_seed(self.config.seed, self.step, rank))
             with autocast_context(self.device, self.precision):
-                logits = self.model(image)
-            loss = self.loss_fn(logits.float(), labels, trusted)
+                logits = self._step_model(image)
+            loss = self.loss_fn(logits.float(), labels, trusted, weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"the loss is {loss.item()} at step {self.step + 1}: training diverged. Lower the learning rate "
@@ -625,17 +682,22 @@ class Trainer:
         predictor = Predictor(self.model, self.card, settings)
         total = len(self.val_cases)
         results = []
+        cancelled = False
+        sync_buffers(self.model, self.distributed)  # data-parallel: all ranks validate rank 0's model (BatchNorm)
         try:
-            for number, case in enumerate(self.val_cases, start=1):
+            for index in split_indices(total, self.distributed):  # data-parallel: this rank's share of the cases
                 if is_cancelled():
-                    return None
+                    cancelled = True
+                    break
+                case = self.val_cases[index]
                 with cpu_training_flags(self.device, onednn=self.config.cpu_onednn):
                     prediction = predictor.predict(case.image, case.spacing)
-                results.append(case_metrics(prediction.labels, case, self.model.num_classes))
-                yield self._progress("validate", message=f"validation case {number}/{total} ({case.name})")
+                results.append((index, case_metrics(prediction.labels, case, self.model.num_classes)))
+                yield self._progress("validate", message=f"validation case {index + 1}/{total} ({case.name})")
         finally:
             self.model.train()
-        return summarize(results, self.card.class_names)
+        results, cancelled = gather_indexed(results, cancelled, self.distributed)  # every rank: all cases, in order
+        return None if cancelled else summarize(results, self.card.class_names)
 
     def _validation_due(self) -> bool:
         if self.val_cases is None:
@@ -667,6 +729,8 @@ class Trainer:
         return stopped_early or self.step == self.config.steps or (every > 0 and self.step % every == 0)
 
     def _write_last(self) -> TrainingProgress:
+        if not is_main_process(self.distributed):  # data-parallel: rank 0 writes
+            return self._progress("checkpoint", message=f"step {self.step}: checkpoint left to process 0")
         validated_now = self.last_metrics.get("step") == self.step
         metrics = dict(self.last_metrics) if validated_now else {}
         if self.history and self.history[-1]["step"] == self.step:
@@ -678,6 +742,8 @@ class Trainer:
         return self._progress("checkpoint", message=f"step {self.step}: checkpoint written to {folder}")
 
     def _write_best(self) -> TrainingProgress:
+        if not is_main_process(self.distributed):  # data-parallel: rank 0 writes
+            return self._progress("checkpoint", message=f"step {self.step}: best bundle left to process 0")
         card = dataclasses.replace(self.card, metrics=json_metrics(self.best_metrics))
         folder = write_checkpoint(self.output_dir / BEST, self.model, card)
         value = self.best_metrics.get(MEAN_DICE, float("nan"))
@@ -688,6 +754,7 @@ class Trainer:
         optimizer_json, tensors = optimizer_state_to_files(self.optimizer)
         state = {
             "step": self.step,
+            "processes": 1 if self.distributed is None else self.distributed.world_size,  # information only
             "config": self.config.to_dict(),
             "schedule": self.schedule.to_dict(),
             "optimizer": optimizer_json,
@@ -759,9 +826,11 @@ class Trainer:
 # ------------------------------------------------------------------------------------------------------ functions
 
 
-def step_seed(seed: int, step: int) -> int:
-    """The seed of torch's RNG during global step ``step`` (a 63-bit integer derived from ``(seed, step)``)."""
-    return int(np.random.SeedSequence([seed, step, 0x7EA1]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The seed of torch's RNG during global step ``step`` (a 63-bit integer derived from ``(seed, step)``), on
+    data-parallel rank ``rank`` (ranks > 0 get their own stream, so their dropout masks differ from rank 0's)."""
+    entropy = [seed, step, 0x7EA1] if rank == 0 else [seed, step, 0x7EA1, rank]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def json_ready(value: Any) -> Any:

@@ -4,22 +4,31 @@ For each case of ibsi_sarcoma_mr that the starting model never saw (mr-tumour's 
 a simulated clinician replace ``k`` slices by the ground truth and mark them reviewed (the worst slice, most voxels
 wrong, of each of ``k`` equal parts of the tumour's extent: corrections spread over the tumour),
 fine-tune on those slices only (:func:`napari_mamba_seg.training.finetune.finetune`; one of them held out for the
-safety net), and measure the 3D Dice on the case's *other* slices before, after the fine-tune, and with the model
-the safety net keeps active. Wall time per fine-tune included.
+safety net; the prediction is given as the study's ``predicted``, so ``changed_weight`` can weigh the corrected
+voxels up), and measure the 3D Dice on the case's *other* slices before, after the fine-tune, and with the model
+the safety net keeps active. Wall time per fine-tune included. The "judge" column says whether the safety net
+decided right: activated and not worse on the other slices, or not activated and worse.
+
+Several settings can be compared in one run (each case is predicted once): every ``--variant`` is a comma-separated
+list of :class:`~napari_mamba_seg.training.finetune.FineTuneSettings` fields applied on top of the other options.
 
 Usage:
     python benchmarks/finetune_protocol.py --data ../shared/data/ibsi_sarcoma_mr
     python benchmarks/finetune_protocol.py --data ../shared/data/ibsi_sarcoma_mr --cases STS_004 --steps 20
+    python benchmarks/finetune_protocol.py --data ../shared/data/ibsi_sarcoma_mr --cases STS_004 STS_036 \\
+        --variant lr=3e-5 --variant lr=1e-4,changed_weight=3 --variant lr=3e-4,freeze_encoder=true,steps=60
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,13 +56,24 @@ def dice_outside(prediction: np.ndarray, truth: np.ndarray, axis: int, excluded:
     return float(np.nan_to_num(dice_per_class(prediction, truth, 2, ignore=ignore)[1], nan=1.0))
 
 
-def run_case(model: str, image, truth: np.ndarray, name: str, k: int, settings) -> dict:
-    from napari_mamba_seg.inference import PredictionSettings, Predictor
-    from napari_mamba_seg.interactive import ReviewState
-    from napari_mamba_seg.training.finetune import CorrectedStudy, finetune
+@dataclasses.dataclass
+class CorrectedCase:
+    """A case predicted by the starting model and corrected on ``slices`` by the simulated clinician."""
 
-    spacing = image.geometry.spacing
-    axis = int(np.argmax(spacing))
+    name: str
+    image: Any
+    truth: np.ndarray
+    axis: int
+    prediction: np.ndarray
+    slices: list[int]
+    corrected: np.ndarray
+
+
+def correct_case(model: str, image, truth: np.ndarray, name: str, k: int) -> CorrectedCase:
+    """Predict ``image`` with ``model`` and replace ``k`` of its slices by ``truth`` (:func:`worst_slices`)."""
+    from napari_mamba_seg.inference import PredictionSettings, Predictor
+
+    axis = int(np.argmax(image.geometry.spacing))
     predictor = Predictor.from_bundle(model, PredictionSettings(device="cpu"))
     prediction = predictor.predict(image).labels
     slices = worst_slices(prediction, truth, axis, k)
@@ -62,34 +82,128 @@ def run_case(model: str, image, truth: np.ndarray, name: str, k: int, settings) 
         region = [slice(None)] * truth.ndim
         region[axis] = index
         corrected[tuple(region)] = truth[tuple(region)]
-    study = CorrectedStudy(image.array, corrected, ReviewState(axis, truth.shape[axis], set(slices)), spacing, name)
+    return CorrectedCase(name, image, truth, axis, prediction, slices, corrected)
+
+
+def finetune_case(model: str, case: CorrectedCase, settings) -> dict:
+    """Fine-tune ``model`` on the corrected slices of ``case``; Dice on the other slices before, after and kept."""
+    from napari_mamba_seg.inference import PredictionSettings, Predictor
+    from napari_mamba_seg.interactive import ReviewState
+    from napari_mamba_seg.training.finetune import CorrectedStudy, finetune
+
+    review = ReviewState(case.axis, case.truth.shape[case.axis], set(case.slices))
+    spacing = case.image.geometry.spacing
+    study = CorrectedStudy(case.image.array, case.corrected, review, spacing, case.name, case.prediction)
     started = time.perf_counter()
     outcome = finetune(model, [study], settings)
     seconds = time.perf_counter() - started
-    tuned = Predictor(outcome.model, outcome.card, PredictionSettings(device="cpu")).predict(image).labels
-    before = dice_outside(prediction, truth, axis, slices)
-    after = dice_outside(tuned, truth, axis, slices)
+    tuned = Predictor(outcome.model, outcome.card, PredictionSettings(device="cpu")).predict(case.image).labels
+    before = dice_outside(case.prediction, case.truth, case.axis, case.slices)
+    after = dice_outside(tuned, case.truth, case.axis, case.slices)
     return {
-        "case": name,
-        "slices": slices,
+        "case": case.name,
+        "slices": case.slices,
         "before": before,
         "after": after,
         "kept": after if outcome.activate else before,
         "activated": outcome.activate,
+        "judge_right": outcome.activate == (after >= before),
         "holdout": (outcome.before, outcome.after),
+        "steps": outcome.card.metrics.get("steps"),
         "seconds": seconds,
     }
 
 
+def run_case(model: str, image, truth: np.ndarray, name: str, k: int, settings) -> dict:
+    """:func:`correct_case` then :func:`finetune_case` for one setting."""
+    return finetune_case(model, correct_case(model, image, truth, name, k), settings)
+
+
+def parse_variant(text: str, base) -> Any:
+    """``"lr=1e-4,changed_weight=3,freeze_encoder=true"`` applied to the FineTuneSettings ``base``."""
+    fields = {field.name: field for field in dataclasses.fields(base)}
+    changes: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--variant {text!r}: unknown setting {key!r}; known: {', '.join(fields)}")
+        current = getattr(base, key)
+        if value.lower() == "none":
+            changes[key] = None
+        elif isinstance(current, bool):
+            changes[key] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, int) or key == "epochs":
+            changes[key] = int(value)
+        elif isinstance(current, float):
+            changes[key] = float(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(base, **changes)
+
+
+def describe(settings, base) -> str:
+    """The settings that differ from ``base`` (or "base")."""
+    changed = [
+        f"{f.name}={getattr(settings, f.name)}"
+        for f in dataclasses.fields(settings)
+        if getattr(settings, f.name) != getattr(base, f.name)
+    ]
+    return ", ".join(changed) or "base"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        "| case | corrected slices | Dice before | after fine-tune | kept (safety net) | activated | judge right | "
+        "held-out Dice before → after | steps | fine-tune (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['case']} | {row['slices']} | {row['before']:.3f} | {row['after']:.3f} | {row['kept']:.3f} | "
+            f"{'yes' if row['activated'] else 'no'} | {'yes' if row['judge_right'] else 'no'} | "
+            f"{row['holdout'][0]:.3f} → {row['holdout'][1]:.3f} | {row['steps']} | {row['seconds']:.1f} |"
+        )
+
+
+def summary(rows: list[dict]) -> str:
+    before = np.mean([r["before"] for r in rows])
+    after = np.mean([r["after"] for r in rows])
+    kept = np.mean([r["kept"] for r in rows])
+    low = [r for r in rows if r["before"] < 0.70]
+    parts = [
+        f"mean Dice before {before:.3f}, after fine-tune {after:.3f}, kept (safety net) {kept:.3f}, "
+        f"gain {kept - before:+.3f}"
+    ]
+    if low:
+        gain = np.mean([r["kept"] - r["before"] for r in low])
+        raw = np.mean([r["after"] - r["before"] for r in low])
+        parts.append(f"cases below 0.70: {len(low)}, mean gain {gain:+.3f} kept ({raw:+.3f} before the safety net)")
+    parts.append(f"largest drop kept {min(0.0, min(r['kept'] - r['before'] for r in rows)):+.3f}")
+    parts.append(f"judge right {sum(r['judge_right'] for r in rows)}/{len(rows)}")
+    parts.append(f"max fine-tune {max(r['seconds'] for r in rows):.1f} s")
+    return "; ".join(parts)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, type=Path, help="the ibsi_sarcoma_mr folder")
     parser.add_argument("--model", default="mr-tumour")
     parser.add_argument("--cases", nargs="*", help="default: the model's validation cases (from its card)")
     parser.add_argument("--k", type=int, default=3, help="corrected slices per case")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, help="default: FineTuneSettings'")
+    parser.add_argument("--epochs", type=int, help="epochs instead of steps")
+    parser.add_argument("--lr", type=float, help="default: FineTuneSettings'")
+    parser.add_argument("--batch-size", type=int, help="default: FineTuneSettings'")
+    parser.add_argument(
+        "--changed-weight", type=float, help="weight of the corrected voxels (default: FineTuneSettings')"
+    )
+    parser.add_argument("--freeze-encoder", action="store_true")
+    parser.add_argument("--no-augmentation", action="store_true")
+    parser.add_argument("--holdout-every", type=int, help="default: FineTuneSettings'")
+    parser.add_argument("--seed", type=int, help="default: FineTuneSettings'")
+    parser.add_argument("--variant", action="append", help="settings to compare, e.g. lr=1e-4,changed_weight=3")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
 
@@ -102,41 +216,54 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = args.cases or read_card(args.model).training_data.split("validation cases:")[1].replace(" ", "").split(",")
-    settings = FineTuneSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size, device="cpu")
+    given = {
+        "steps": args.steps,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch_size": args.batch_size,
+        "changed_weight": args.changed_weight,
+        "holdout_every": args.holdout_every,
+        "seed": args.seed,
+        "freeze_encoder": args.freeze_encoder or None,
+        "augment": False if args.no_augmentation else None,
+    }
+    base = FineTuneSettings(device="cpu", **{key: value for key, value in given.items() if value is not None})
+    variants = [parse_variant(text, base) for text in args.variant] if args.variant else [base]
     print(
-        f"model {args.model}, k={args.k}, steps {args.steps}, lr {args.lr:g}, batch {args.batch_size}; "
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}; {date.today()}"
+        f"model {args.model}, k={args.k}; base settings {base}; {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; {date.today()}",
+        flush=True,
     )
-    print(
-        "| case | corrected slices | Dice before | after fine-tune | kept (safety net) | activated | "
-        "held-out Dice before → after | fine-tune (s) |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    rows = []
+    rows: list[list[dict]] = [[] for _ in variants]
     for name in cases:
         image = read_image(args.data / name / "image.nii.gz")
         truth = read_image(args.data / name / "mask.nii.gz").array[0]
-        row = run_case(args.model, image, truth, name, args.k, settings)
-        rows.append(row)
-        print(
-            f"| {name} | {row['slices']} | {row['before']:.3f} | {row['after']:.3f} | {row['kept']:.3f} | "
-            f"{'yes' if row['activated'] else 'no'} | {row['holdout'][0]:.3f} → {row['holdout'][1]:.3f} | "
-            f"{row['seconds']:.1f} |",
-            flush=True,
-        )
-    before = np.mean([r["before"] for r in rows])
-    kept = np.mean([r["kept"] for r in rows])
-    low = [r for r in rows if r["before"] < 0.70]
-    print(
-        f"\nmean Dice before {before:.3f}, after (safety net) {kept:.3f}, gain {kept - before:+.3f}; "
-        f"max fine-tune time {max(r['seconds'] for r in rows):.1f} s"
-    )
-    if low:
-        gain = np.mean([r["kept"] - r["before"] for r in low])
-        print(f"cases starting below 0.70: {len(low)}, mean gain {gain:+.3f}")
-    worst = min(r["kept"] - r["before"] for r in rows)
-    print(f"largest drop after the safety net: {min(0.0, worst):+.3f}")
+        case = correct_case(args.model, image, truth, name, args.k)
+        for number, settings in enumerate(variants):  # interleaved: every setting on a case before the next case
+            rows[number].append(row := finetune_case(args.model, case, settings))
+            print(
+                f"  {name} [{describe(settings, base)}]: {row['before']:.3f} -> {row['after']:.3f}, kept "
+                f"{row['kept']:.3f}, held-out {row['holdout'][0]:.3f} -> {row['holdout'][1]:.3f}, "
+                f"{row['seconds']:.1f} s",
+                flush=True,
+            )
+    for settings, variant_rows in zip(variants, rows, strict=True):
+        print(f"\n### {describe(settings, base)}\n")
+        print_table(variant_rows)
+        print(f"\n{summary(variant_rows)}")
+    if len(variants) > 1:
+        print("\n| setting | " + " | ".join(cases) + " | mean gain kept | gain < 0.70 kept | judge right | max s |")
+        print("|---|" + "---|" * (len(cases) + 4))
+        for settings, variant_rows in zip(variants, rows, strict=True):
+            cells = [f"{r['before']:.3f}→{r['after']:.3f}{'' if r['activated'] else ' (no)'}" for r in variant_rows]
+            gain = np.mean([r["kept"] - r["before"] for r in variant_rows])
+            low = [r["kept"] - r["before"] for r in variant_rows if r["before"] < 0.70]
+            right = sum(r["judge_right"] for r in variant_rows)
+            print(
+                f"| {describe(settings, base)} | " + " | ".join(cells) + f" | {gain:+.3f} | "
+                f"{np.mean(low) if low else float('nan'):+.3f} | {right}/{len(variant_rows)} | "
+                f"{max(r['seconds'] for r in variant_rows):.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,11 @@ DESCRIPTION = (
     " reviewed slices train (--reviewed, one value per study: slice indices like 10,20,31 along --axis, or a JSON "
     "file with a review record {'axis', 'num_slices', 'reviewed'} as the Correct widget stores it; without "
     "--reviewed every slice counts). Every --holdout-every-th reviewed slice is held out: the parent and the fine-"
-    "tuned model are scored on it and the result says whether the new model is better (activated) or not. The new "
-    "bundle goes to OUTDIR (it must not exist) with provenance.json. Exit status: 0 done (activated or not: see the"
-    " last line), 1 failed, 2 usage or data error, 130 interrupted (nothing written)."
+    "tuned model are scored on it and the result says whether the new model is better (activated) or not. With "
+    "--predicted (the model's own prediction each study's corrections started from) and --changed-weight W, the "
+    "reviewed voxels the clinician changed count W times in the loss. The new bundle goes to OUTDIR (it must not "
+    "exist) with provenance.json. Exit status: 0 done (activated or not: see the last line), 1 failed, 2 usage or "
+    "data error, 130 interrupted (nothing written)."
 )
 
 
@@ -33,11 +35,19 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--reviewed", nargs="+", metavar="SLICES_OR_JSON", help="reviewed slices, one per study")
     parser.add_argument("--axis", default="auto", help="slice axis of --reviewed indices: auto (coarsest) or 0-2")
     parser.add_argument("--output", "-o", required=True, metavar="OUTDIR", help="the new bundle folder")
+    parser.add_argument("--predicted", nargs="+", metavar="PREDICTION", help="the model's prediction, one per study")
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
+    parser.add_argument(
+        "--epochs", type=int, help="train this many epochs instead of --steps (an epoch: one patch per training slice)"
+    )
     parser.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default: 2)")
     parser.add_argument("--holdout-every", type=int, default=3, help="hold out every N-th reviewed slice (default 3)")
     parser.add_argument("--no-augmentation", action="store_true", help="train on the slices as they are")
+    parser.add_argument(
+        "--changed-weight", type=float, default=1.0, help="loss weight of voxels changed from --predicted (default: 1)"
+    )
+    parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder side only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-step output")
@@ -64,6 +74,9 @@ def run_finetune(args: argparse.Namespace) -> int:
             holdout_every=args.holdout_every,
             seed=args.seed,
             device=args.device,
+            epochs=args.epochs,
+            changed_weight=args.changed_weight,
+            freeze_encoder=args.freeze_encoder,
         )
         outcome = finetune(args.model, studies, settings, progress=None if args.quiet else _print_step)
         folder = write_bundle(outcome, output)
@@ -94,12 +107,14 @@ def read_studies(args: argparse.Namespace) -> list[Any]:
         raise ValueError(f"{len(args.images)} --images but {len(args.labels)} --labels: give one labels file per image")
     if args.reviewed and len(args.reviewed) != len(args.images):
         raise ValueError(f"{len(args.reviewed)} --reviewed values for {len(args.images)} images: give one per image")
+    if args.changed_weight != 1.0 and not args.predicted:
+        raise ValueError("--changed-weight needs --predicted: the model's prediction the corrections started from")
+    if args.predicted and len(args.predicted) != len(args.images):
+        raise ValueError(f"{len(args.predicted)} --predicted files for {len(args.images)} images: give one per image")
     studies = []
     for index, (image_path, labels_path) in enumerate(zip(args.images, args.labels, strict=True)):
         image = read_image(image_path)
-        labels = read_image(labels_path)
-        if labels.array.shape[1:] != image.array.shape[1:] or not labels.geometry.is_close(image.geometry):
-            raise ValueError(f"{labels_path} does not lie on the voxel grid of {image_path}; resample it first")
+        labels_array = _on_grid(labels_path, image, image_path)
         spacing = image.geometry.spacing
         axis = slice_axis_for(spacing, args.axis if args.axis == "auto" else int(args.axis))
         shape = image.array.shape[1:]
@@ -107,8 +122,20 @@ def read_studies(args: argparse.Namespace) -> list[Any]:
             review = _review(args.reviewed[index], axis, shape)
         else:
             review = ReviewState(axis, shape[axis], set(range(shape[axis])))
-        studies.append(CorrectedStudy(image.array, labels.array[0], review, spacing, Path(str(image_path)).name))
+        predicted = _on_grid(args.predicted[index], image, image_path)[0] if args.predicted else None
+        name = Path(str(image_path)).name
+        studies.append(CorrectedStudy(image.array, labels_array[0], review, spacing, name, predicted))
     return studies
+
+
+def _on_grid(path: str, image: Any, image_path: str) -> Any:
+    """The ``(1, *spatial)`` array of the labels file ``path``, if it lies on ``image``'s voxel grid."""
+    from napari_mamba_seg.io import read_image
+
+    labels = read_image(path)
+    if labels.array.shape[1:] != image.array.shape[1:] or not labels.geometry.is_close(image.geometry):
+        raise ValueError(f"{path} does not lie on the voxel grid of {image_path}; resample it first")
+    return labels.array
 
 
 def _review(value: str, axis: int, shape: tuple[int, ...]) -> Any:

@@ -37,9 +37,14 @@ class SegmentationModel(nn.Module):
 
     Input: ``(batch, in_channels, H, W)`` (2D) or ``(batch, in_channels, D, H, W)`` (3D), any spatial size,
     float. Output: logits ``(batch, num_classes, *spatial)`` of the same spatial size.
+
+    Subclasses name the attributes holding their encoder (the down-sampling path from the input to the deepest
+    features, as the paper draws it; skip bridges, necks, decoders and heads are not part of it) in
+    ``encoder_module_names``, so that fine-tuning can freeze it (:meth:`encoder_parameters`).
     """
 
     spatial_dims: ClassVar[int] = 2
+    encoder_module_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ModelConfig, size_divisor: int | tuple[int, ...]) -> None:
         super().__init__()
@@ -121,6 +126,27 @@ class SegmentationModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for an input whose spatial sizes are multiples of ``size_divisor``."""
         raise NotImplementedError
+
+    def encoder_modules(self) -> list[nn.Module]:
+        """The sub-modules that make up the encoder (``encoder_module_names``), input side first.
+
+        Raises:
+            NotImplementedError: The architecture does not name its encoder.
+        """
+        if not self.encoder_module_names:
+            raise NotImplementedError(
+                f"{self.model_name} does not name its encoder (its encoder_module_names is empty), so its encoder "
+                "cannot be frozen; fine-tune the whole model instead"
+            )
+        return [getattr(self, name) for name in self.encoder_module_names]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters (those of :meth:`encoder_modules`); the rest of the model is the decoder side.
+
+        Raises:
+            NotImplementedError: The architecture does not name its encoder.
+        """
+        return [parameter for module in self.encoder_modules() for parameter in module.parameters()]
 
 
 def set_scan_backend(model: nn.Module, backend: str) -> nn.Module:

@@ -376,6 +376,7 @@ class AttentionMamba(SegmentationModel):
     """
 
     spatial_dims = 2
+    encoder_module_names = ("encoder",)  # the ResNet backbone; aggregation, alignment and Mamba branches follow it
 
     def __init__(self, config: AttentionMambaConfig) -> None:
         levels = len(config.stage_channels)

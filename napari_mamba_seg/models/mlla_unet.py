@@ -144,6 +144,7 @@ class MLLAUNet(SegmentationModel):
     """
 
     spatial_dims = 2
+    encoder_module_names = ("stem", "encoder", "merging", "norm")
 
     def __init__(self, config: MLLAUNetConfig) -> None:
         _validate(config)

@@ -212,6 +212,7 @@ class SegMamba(SegmentationModel):
     """
 
     spatial_dims: ClassVar[int] = 3
+    encoder_module_names = ("encoder",)  # the Mamba encoder; the UNETR-style skip blocks belong to the decoder
 
     def __init__(self, config: SegMambaConfig) -> None:
         dims = config.dims

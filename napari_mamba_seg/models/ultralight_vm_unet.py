@@ -186,6 +186,7 @@ class UltraLightVMUNet(SegmentationModel):
     """
 
     spatial_dims = 2
+    encoder_module_names = ("encoders", "encoder_norms")  # the attention bridge works on the skips: not encoder
 
     def __init__(self, config: UltraLightVMUNetConfig) -> None:
         super().__init__(config, size_divisor=2**_SKIPS)

@@ -225,6 +225,7 @@ class UMamba(SegmentationModel):
     """
 
     spatial_dims: ClassVar[int] = 2
+    encoder_module_names = ("stem", "stages")
 
     def __init__(self, config: UMambaConfig) -> None:
         dims = self.spatial_dims

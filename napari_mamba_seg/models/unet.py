@@ -103,6 +103,7 @@ class UNet(SegmentationModel):
     """
 
     spatial_dims = 2
+    encoder_module_names = ("encoder",)
 
     def __init__(self, config: UNetConfig) -> None:
         dims = self.spatial_dims

@@ -221,6 +221,7 @@ class VMUNet(SegmentationModel):
     """
 
     spatial_dims = 2
+    encoder_module_names = ("patch_embed", "layers")
 
     def __init__(self, config: VMUNetConfig) -> None:
         stages = len(config.dims)

@@ -7,6 +7,10 @@ held-out slices), and the new version is *activated* only when it is not worse t
 new bundle version (never over another file), with its parent, the studies and slices used (hashes), the settings and
 both scores in its card and in ``provenance.json``.
 
+Options beyond steps and learning rate: ``epochs`` instead of steps, ``changed_weight`` (the voxels the clinician
+changed relative to the model's own prediction, ``CorrectedStudy.predicted``, count that many times in the loss),
+``freeze_encoder`` (only the decoder side learns) and ``augment``.
+
 Example:
     >>> study = CorrectedStudy(image, labels, ReviewState(axis=0, num_slices=60, reviewed={10, 20, 30}), spacing)
     >>> outcome = finetune("breast-dce", [study], FineTuneSettings(steps=60), progress=print)
@@ -15,13 +19,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,6 +73,8 @@ class CorrectedStudy:
         review: The reviewed slices (only they are trusted).
         spacing: Voxel size in mm (array order), or None.
         name: A name for messages and the provenance record.
+        predicted: ``(*spatial)`` the model's own prediction the clinician started from, or None. Where the
+            reviewed labels differ from it, the voxels count ``FineTuneSettings.changed_weight`` times in the loss.
     """
 
     image: np.ndarray
@@ -75,16 +82,29 @@ class CorrectedStudy:
     review: ReviewState
     spacing: tuple[float, ...] | None = None
     name: str = "study"
+    predicted: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        """Check that the labels and the review state fit the image."""
+        """Check that the labels, the prediction and the review state fit the image."""
         self.image, self.labels = np.asarray(self.image), np.asarray(self.labels)
         if self.labels.shape != self.image.shape[1:]:
             raise ValueError(
                 f"study {self.name!r}: labels of shape {self.labels.shape} do not fit the image {self.image.shape} "
                 "(channels first); the labels must lie on the image's voxel grid"
             )
+        if self.predicted is not None:
+            self.predicted = np.asarray(self.predicted)
+            if self.predicted.shape != self.labels.shape or self.predicted.dtype.kind not in "biu":
+                raise ValueError(
+                    f"study {self.name!r}: the prediction (shape {self.predicted.shape}, dtype "
+                    f"{self.predicted.dtype}) must be integer labels of the labels' shape {self.labels.shape}: the "
+                    "model's own prediction the corrections started from"
+                )
         self.review.check_fits(self.labels.shape)
+
+    def changed(self) -> np.ndarray | None:
+        """``(*spatial)`` bool: where the labels differ from :attr:`predicted` (None without a prediction)."""
+        return None if self.predicted is None else self.labels != self.predicted
 
 
 @dataclass
@@ -92,7 +112,11 @@ class FineTuneSettings:
     """How to fine-tune.
 
     Attributes:
-        steps: Optimizer steps.
+        steps: Optimizer steps (unless ``epochs`` is set).
+        epochs: Train this many epochs instead of ``steps``; None = use ``steps``. An epoch draws one patch per
+            training slice (the reviewed slices not held out, over all studies), so it takes
+            ``ceil(training slices / batch_size)`` steps; patches are drawn at random, so each slice is seen once per
+            epoch on average (for a 3D model a patch covers several slices).
         lr: Peak learning rate (AdamW, short warm-up, cosine); lower than for training from scratch.
         batch_size: Patches per step.
         augment: Augment the patches (flips, rotations, intensity...) or not.
@@ -101,6 +125,10 @@ class FineTuneSettings:
         tolerance: Activate the new version when its held-out mean Dice is at least the parent's minus this.
         seed: Seed of the patches and the augmentation.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        changed_weight: Loss weight of the reviewed voxels whose label the clinician changed relative to the model's
+            prediction (``CorrectedStudy.predicted``); the other reviewed voxels weigh 1. 1 = off.
+        freeze_encoder: Train only the decoder side: the encoder's parameters (``encoder_parameters()`` of the
+            model) get no gradient and do not change, nor do its batch-norm statistics.
     """
 
     steps: int = 30
@@ -111,6 +139,9 @@ class FineTuneSettings:
     tolerance: float = 0.0
     seed: int = 0
     device: str = "auto"
+    epochs: int | None = None
+    changed_weight: float = 1.0
+    freeze_encoder: bool = False
 
     def __post_init__(self) -> None:
         """Check the values."""
@@ -118,6 +149,18 @@ class FineTuneSettings:
             raise ValueError(f"holdout_every must be >= 2 (some reviewed slices must train), got {self.holdout_every}")
         if not self.tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)):
+            raise ValueError(f"epochs must be None or an integer >= 1, got {self.epochs!r}")
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"epochs must be None or an integer >= 1, got {self.epochs}")
+        if not (math.isfinite(self.changed_weight) and self.changed_weight > 0):
+            raise ValueError(f"changed_weight must be a positive number (1 = off), got {self.changed_weight}")
+
+    def steps_for(self, training_slices: int) -> int:
+        """The optimizer steps to run: ``steps``, or ``epochs`` epochs of ``training_slices`` slices."""
+        if self.epochs is None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * training_slices / self.batch_size))
 
 
 @dataclass
@@ -179,7 +222,8 @@ def finetune(
         The :class:`FineTuneOutcome`.
 
     Raises:
-        ValueError: No study, no reviewed slice to train on, or a study that does not fit the model.
+        ValueError: No study, no reviewed slice to train on, a study that does not fit the model, or
+            ``freeze_encoder`` for an architecture that does not name its encoder.
     """
     settings = settings or FineTuneSettings()
     if not studies:
@@ -189,11 +233,12 @@ def finetune(
     train_cases, holdout_cases, used = _cases(studies, settings, slice_wise=slice_wise)
     if not train_cases:
         raise ValueError("no reviewed slice to train on: mark the slices you corrected as reviewed")
+    steps = settings.steps_for(sum(len(study["train_slices"]) for study in used))
     config = TrainingConfig(
-        steps=settings.steps,
+        steps=steps,
         batch_size=settings.batch_size,
         lr=settings.lr,
-        warmup_steps=min(10, settings.steps // 5),
+        warmup_steps=min(10, steps // 5),
         val_every=0,
         checkpoint_every=0,
         seed=settings.seed,
@@ -202,10 +247,10 @@ def finetune(
         augmentation=AugmentationConfig() if settings.augment else AugmentationConfig.none(),
     )
     provenance = {"parent": bundle.folder.name, "parent_sha256": bundle.card.sha256, "studies": used}
-    provenance["settings"] = dataclasses.asdict(settings)
-    card = bundle.fine_tuned_card(training_data=_training_text(bundle.card, used))
-    trainer = Trainer(bundle.model, card, train_cases, holdout_cases or None, config)
-    before = _mean_dice(trainer) if holdout_cases else math.nan
+    provenance["settings"] = dataclasses.asdict(settings) | {"steps_run": steps}
+    card = bundle.fine_tuned_card(training_data=_training_text(bundle.card, used, settings, steps))
+    weights = _voxel_weights(studies, settings, slice_wise=slice_wise)
+    provenance["changed_voxels_weighted"] = weights is not None  # changed_weight != 1 and a prediction to compare to
     history: list[tuple[int, float]] = []
 
     def record(update: TrainingProgress) -> None:
@@ -214,12 +259,15 @@ def finetune(
         if progress is not None:
             progress(update)
 
-    result = trainer.train(progress=record, cancel=cancel)
+    with _encoder_frozen(bundle.model, settings.freeze_encoder):
+        trainer = Trainer(bundle.model, card, train_cases, holdout_cases or None, config, voxel_weights=weights)
+        before = _mean_dice(trainer) if holdout_cases else math.nan
+        result = trainer.train(progress=record, cancel=cancel)
     if result.cancelled:
         return FineTuneOutcome(None, None, before, math.nan, False, "cancelled", provenance, True, history)
     after = float(trainer.last_metrics.get(MEAN_DICE, math.nan)) if holdout_cases else math.nan  # end-of-run check
     activate, reason = _safety_decision(before, after, settings.tolerance)
-    metrics = {"holdout_mean_dice_before": before, "holdout_mean_dice_after": after, "steps": settings.steps}
+    metrics = {"holdout_mean_dice_before": before, "holdout_mean_dice_after": after, "steps": steps}
     card = dataclasses.replace(
         trainer.card, metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     )
@@ -241,17 +289,76 @@ def _cases(
         for slices, cases in ((train, train_cases), (holdout, holdout_cases)):
             if slices:
                 cases.append(_case_of_slices(study, slices, cropped=along_review_axis))
-        used.append(
-            {
-                "name": study.name,
-                "image_sha256": _array_sha256(study.image),
-                "labels_sha256": _array_sha256(study.labels),
-                "axis": study.review.axis,
-                "train_slices": train,
-                "holdout_slices": holdout,
-            }
-        )
+        record = {
+            "name": study.name,
+            "image_sha256": _array_sha256(study.image),
+            "labels_sha256": _array_sha256(study.labels),
+            "axis": study.review.axis,
+            "train_slices": train,
+            "holdout_slices": holdout,
+        }
+        if study.predicted is not None:
+            record["predicted_sha256"] = _array_sha256(study.predicted)
+            record["changed_train_voxels"] = int(
+                (study.changed() & _trusted(study.review, train, study.labels.shape)).sum()
+            )
+        used.append(record)
     return train_cases, holdout_cases, used
+
+
+def _voxel_weights(
+    studies: Sequence[CorrectedStudy], settings: FineTuneSettings, *, slice_wise: bool
+) -> list[np.ndarray | None] | None:
+    """One weight map per training case (as :func:`_cases` makes them): ``changed_weight`` where the labels differ
+    from the prediction, else 1; None when no weighting applies (``changed_weight`` 1, or no study has a prediction).
+    """
+    if settings.changed_weight == 1.0 or all(study.predicted is None for study in studies):
+        return None
+    weights: list[np.ndarray | None] = []
+    for study in studies:
+        train, _ = split_reviewed_slices(study.review, settings.holdout_every)
+        if not train:
+            continue
+        changed = study.changed()
+        if changed is None:
+            weights.append(None)
+            continue
+        if slice_wise and slice_axis_for(study.spacing) == study.review.axis:  # the case holds its slices only
+            changed = np.take(changed, train, axis=study.review.axis)
+        weights.append(np.where(changed, np.float32(settings.changed_weight), np.float32(1.0)))
+    return weights
+
+
+@contextlib.contextmanager
+def _encoder_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """With ``frozen``, the model's encoder parameters get no gradient and its batch-norm statistics stay put (momentum
+    0); both restored afterwards. Nothing without ``frozen``.
+
+    Raises:
+        ValueError: The architecture does not name its encoder.
+    """
+    if not frozen:
+        yield
+        return
+    try:
+        parameters = model.encoder_parameters()
+        modules = [inner for module in model.encoder_modules() for inner in module.modules()]
+    except NotImplementedError as error:
+        raise ValueError(f"freeze_encoder: {error}") from None
+    norms = [m for m in modules if getattr(m, "running_mean", None) is not None and hasattr(m, "momentum")]
+    requires_grad = [p.requires_grad for p in parameters]
+    momenta = [m.momentum for m in norms]
+    try:
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+        for norm in norms:
+            norm.momentum = 0.0
+        yield
+    finally:
+        for parameter, flag in zip(parameters, requires_grad, strict=True):
+            parameter.requires_grad_(flag)
+        for norm, momentum in zip(norms, momenta, strict=True):
+            norm.momentum = momentum
 
 
 def _case_of_slices(study: CorrectedStudy, slices: list[int], *, cropped: bool) -> TrainingCase:
@@ -291,11 +398,16 @@ def _array_sha256(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _training_text(parent: ModelCard, used: Sequence[dict[str, Any]]) -> str:
+def _training_text(parent: ModelCard, used: Sequence[dict[str, Any]], settings: FineTuneSettings, steps: int) -> str:
     slices = sum(len(s["train_slices"]) for s in used)
     names = ", ".join(s["name"] for s in used)
-    return f"fine-tuned on {slices} reviewed slice(s) of {len(used)} study(ies) ({names}); parent trained on: " + (
-        parent.training_data or "not stated"
+    how = [f"{steps} steps of batch {settings.batch_size}", f"lr {settings.lr:g}"]
+    how += [] if settings.augment else ["no augmentation"]
+    how += [f"changed voxels weighted {settings.changed_weight:g}"] if settings.changed_weight != 1.0 else []
+    how += ["encoder frozen"] if settings.freeze_encoder else []
+    return (
+        f"fine-tuned on {slices} reviewed slice(s) of {len(used)} study(ies) ({names}; {', '.join(how)}); parent "
+        f"trained on: {parent.training_data or 'not stated'}"
     )
 
 

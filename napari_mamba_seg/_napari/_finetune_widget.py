@@ -10,6 +10,7 @@ while the UI stays free. The finished version is saved with :func:`~napari_mamba
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import queue
 import threading
@@ -87,22 +88,33 @@ class Target:
 
 
 def finetune_job(
-    source: str, studies: Sequence[CorrectedStudy], settings: FineTuneSettings, *, cancel: threading.Event
+    source: str,
+    studies: Sequence[CorrectedStudy],
+    settings: FineTuneSettings,
+    *,
+    cancel: threading.Event,
+    targets: Sequence[Target] = (),
 ) -> Generator[Any, None, FineTuneRun]:
     """Fine-tune and save the version as a generator: yields each ``TrainingProgress``, returns a :class:`FineTuneRun`.
 
     :func:`finetune` reports through a callback, so it runs in a thread of its own that puts its reports in a queue;
-    this generator hands them on as they come (in napari's worker thread). A cancelled run saves nothing.
+    this generator hands them on as they come (in napari's worker thread). A cancelled run saves nothing. When
+    ``settings.changed_weight`` is not 1, the voxels the clinician changed must be known: each study is first
+    predicted again with ``source`` (its ``targets`` entry gives the image), yielding prediction progress.
 
     Args:
         source: The bundle to start from (name or folder).
         studies: The corrected studies.
         settings: How to fine-tune.
         cancel: Set it to stop before the next step; also set when the generator is closed early.
+        targets: One per study, in order: needed when ``settings.changed_weight != 1``.
 
     Raises:
         ValueError: From :func:`finetune` (e.g. no reviewed slice, a study that does not fit the model).
+        PredictionCancelled: Cancelled while predicting the studies again.
     """
+    if settings.changed_weight != 1:
+        studies = yield from _with_predictions(source, studies, targets, settings.device, cancel)
     reports: queue.Queue[Any] = queue.Queue()
     finished = object()
     ended: dict[str, Any] = {}
@@ -128,6 +140,23 @@ def finetune_job(
         raise ended["error"]
     outcome: FineTuneOutcome = ended["outcome"]
     return FineTuneRun(outcome, None if outcome.cancelled else save_version(outcome))
+
+
+def _with_predictions(
+    source: str,
+    studies: Sequence[CorrectedStudy],
+    targets: Sequence[Target],
+    device: str,
+    cancel: threading.Event,
+) -> Generator[Any, None, list[CorrectedStudy]]:
+    """The studies with ``predicted`` set to ``source``'s prediction of their image (what the clinician corrected)."""
+    if len(targets) != len(studies):
+        raise ValueError(f"{len(targets)} images for {len(studies)} studies: give one target per study")
+    predicted = []
+    for study, target in zip(studies, targets, strict=True):
+        result = yield from segmentation_job(source, device, target.model_input, cancel=cancel)
+        predicted.append(dataclasses.replace(study, predicted=result.labels))
+    return predicted
 
 
 def resegment_job(
@@ -269,6 +298,16 @@ class FineTuneWidget(QWidget):
         self.lr.setValue(FineTuneSettings().lr)
         self.augment = QCheckBox("augment the patches (flips, rotations, intensity)")
         self.augment.setChecked(FineTuneSettings().augment)
+        self.changed_weight = QDoubleSpinBox()
+        self.changed_weight.setDecimals(1)
+        self.changed_weight.setRange(1.0, 50.0)
+        self.changed_weight.setValue(FineTuneSettings().changed_weight)
+        self.changed_weight.setToolTip(
+            "loss weight of the voxels you changed from the model's prediction (1 = like any reviewed voxel); above 1 "
+            "the model predicts the studies once more to find them"
+        )
+        self.freeze_encoder = QCheckBox("freeze the encoder (train the decoder only)")
+        self.freeze_encoder.setChecked(FineTuneSettings().freeze_encoder)
         self.device_box = DeviceBox()
         self.controls = RunControls("Fine-tune", self.run, self.cancel)
         self.run_button = self.controls.run_button
@@ -289,6 +328,8 @@ class FineTuneWidget(QWidget):
         form.addRow("Steps", self.steps)
         form.addRow("Learning rate", self.lr)
         form.addRow("", self.augment)
+        form.addRow("Changed voxels ×", self.changed_weight)
+        form.addRow("", self.freeze_encoder)
         form.addRow("Device", self.device_box)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -436,6 +477,8 @@ class FineTuneWidget(QWidget):
             lr=self.lr.value(),
             augment=self.augment.isChecked(),
             device=self.device_box.device(),
+            changed_weight=self.changed_weight.value(),
+            freeze_encoder=self.freeze_encoder.isChecked(),
         )
 
     # ---------------------------------------------------------------------------------------------- run
@@ -458,7 +501,7 @@ class FineTuneWidget(QWidget):
         self.dice_label.setText("held-out Dice: scoring the current model…")
         self._set_running(True, f"fine-tuning {Path(model).name} on {len(studies)} study(ies)…")
         self.worker = start_job(
-            finetune_job(model, studies, settings, cancel=self._cancel),
+            finetune_job(model, studies, settings, cancel=self._cancel, targets=targets),
             on_progress=self._show_training,
             on_result=self._finish_run,
             on_failure=self._on_error,
@@ -472,6 +515,9 @@ class FineTuneWidget(QWidget):
             self._say("cancelling…")
 
     def _show_training(self, update: Any) -> None:
+        if not hasattr(update, "loss"):  # predicting the studies again (changed voxels weighted up)
+            self._show_prediction(update)
+            return
         self.progress.setValue(round(100 * update.fraction))
         if update.stage == "train" and update.loss is not None:
             self.loss_plot.add(update.step, update.loss)

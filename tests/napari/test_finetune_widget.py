@@ -243,3 +243,43 @@ def test_layers_that_cannot_be_fine_tuned_are_refused_with_a_message(
     assert "not made by the Segment widget" in _status(widget) and widget.worker is None
     assert not widget.activate_button.isEnabled() and widget.versions_list.count() == 0
     assert len(errors) == 3 and not models_root.exists()
+
+
+def test_changed_voxels_weighted_and_encoder_frozen_from_the_form(
+    make_napari_viewer, qtbot, tiny_bundle, models_root, errors
+) -> None:
+    """With "Changed voxels ×" above 1 the widget predicts the study again to find the voxels the clinician changed;
+    with "freeze the encoder" the new version's encoder weights equal the parent's."""
+    import torch
+
+    from napari_mamba_seg.bundles import load_bundle
+
+    viewer = make_napari_viewer()
+    viewer.add_image(_scan(), name="scan", scale=SCALE)
+    labels = _segment(viewer, qtbot, tiny_bundle)
+    predicted = labels.data.copy()
+    labels.data[1] = _disk(8)
+    labels.data[4] = _disk(11)
+    changed_on_train_slice = int((labels.data[1] != predicted[1]).sum())
+    labels.metadata = {
+        **labels.metadata,
+        REVIEW_METADATA_KEY: ReviewState(axis=0, num_slices=SHAPE[0], reviewed={1, 4}).to_dict(),
+    }
+    widget = _open(viewer, steps=2)
+    widget.changed_weight.setValue(4.0)
+    widget.freeze_encoder.setChecked(True)
+    widget.run_button.click()
+    _finish(qtbot, widget)
+    assert not errors, errors
+
+    version = models_root / "tiny-ft1"
+    provenance = json.loads((version / "provenance.json").read_text())
+    assert provenance["changed_voxels_weighted"] is True
+    assert provenance["studies"][0]["changed_train_voxels"] == changed_on_train_slice > 0
+    assert provenance["settings"]["changed_weight"] == 4.0 and provenance["settings"]["freeze_encoder"] is True
+    parent, child = load_bundle(tiny_bundle).model, load_bundle(version).model
+    encoder_ids = {id(parameter) for parameter in parent.encoder_parameters()}
+    encoder = {name for name, parameter in parent.named_parameters() if id(parameter) in encoder_ids}
+    child_parameters = dict(child.named_parameters())
+    assert encoder and all(torch.equal(p, child_parameters[n]) for n, p in parent.named_parameters() if n in encoder)
+    assert any(not torch.equal(p, child_parameters[n]) for n, p in parent.named_parameters() if n not in encoder)

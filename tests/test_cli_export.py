@@ -176,3 +176,32 @@ def test_a_dicom_seg_as_labels_and_the_model_sha(tmp_path: Path) -> None:
         == file_sha256(bundle / "model.safetensors")
     )
     assert len(record["source"]["files"]) == SHAPE[0]
+
+
+def test_our_train_command_trains_on_an_exported_nnunet_folder(files, tmp_path: Path, capsys) -> None:
+    """The round trip of the issue: corrected cases exported (one reviewed-only, with "ignore") -> ``train`` reads the
+    folder and writes a bundle whose card has the exported classes and channels."""
+    import torch
+
+    from napari_mamba_seg.bundles import read_card
+
+    image, labels = files
+    folder = tmp_path / "Dataset101_Corrected"
+    classes = ["--class-names", "background,breast,lesion", "--channel-names", "T1"]
+    assert _main(image, labels, folder, *classes, "--case-name", "a") == 0, capsys.readouterr().err
+    code = _main(image, labels, folder, *classes, "--case-name", "b", "--reviewed", "1,2,3", "--reviewed-only")
+    assert code == 0, capsys.readouterr().err
+    assert NnUNetRawDataset(folder).ignore_label == 3
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = tmp_path / "run"
+        argv = ["train", str(folder), "-o", str(run), "--arch", "test_unet", "--patch-size", "16", "16"]
+        argv += ["--device", "cpu", "--quiet", "--steps", "2", "--batch-size", "2", "--val-every", "2"]
+        code = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, capsys.readouterr().err
+    card = read_card(run / "last")
+    assert card.class_names == ["background", "breast", "lesion"] and card.channel_names == ["T1"]

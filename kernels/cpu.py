@@ -73,11 +73,45 @@ def _f32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.float32).contiguous()
 
 
-def _as_groups(BC: torch.Tensor) -> torch.Tensor:
-    """``(b, n, l)`` or ``(b, g, n, l)`` to float32 ``(b, g, l, n)``, contiguous."""
-    if BC.dim() == 3:
-        BC = BC[:, None]
-    return _f32(BC.transpose(-1, -2))
+_SMALL_STATE = 4
+"""Up to this many states, inference scans one lane per channel (see :func:`_state_width`)."""
+
+
+def _state_width(state: int, training: bool) -> int:
+    """States the kernels carry for ``state`` states: the state padded to ``LANES``, or as it is.
+
+    The kernels scan one vector of ``LANES`` states per channel when the state is padded
+    to exactly that (padding states have ``A = B = C = 0``, so they stay 0 and so do their
+    gradients), and one lane per channel otherwise. Measured (single thread, SS2D shape),
+    the state vector wins for the backward at every N up to ``LANES`` (N = 1: 55 against
+    70 ms) and for the forward from N = 8 on; below that the forward alone is faster with
+    one lane per channel (N = 1: 16 against 23 ms, N = 4: 19 against 24 ms). Inference up
+    to N = 4 therefore keeps the state as it is.
+    """
+    from napari_mamba_seg.kernels import _cpu_kernels as kern
+
+    if state > kern.LANES or (not training and state <= _SMALL_STATE):
+        return state
+    return kern.LANES
+
+
+def _as_groups(BC: torch.Tensor, width: int) -> torch.Tensor:
+    """``(b, n, l)`` or ``(b, g, n, l)`` to float32 ``(b, g, l, width)``, contiguous, zeros past ``n``.
+
+    Transposed by a numba kernel (call it holding ``_KERNEL_LOCK``): torch's strided copy
+    is slower, and its OpenMP threads would keep spinning on the cores the scan is about to use.
+    """
+    from napari_mamba_seg.kernels import _cpu_kernels as kern
+
+    BC = _f32(BC[:, None] if BC.dim() == 3 else BC)
+    out = BC.new_empty(*BC.shape[:2], BC.shape[3], width)
+    kern.sequence_major(BC.numpy(), out.numpy())
+    return out
+
+
+def _pad_states(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros appended to the last (state) axis up to ``width``."""
+    return torch.nn.functional.pad(tensor, (0, width - tensor.shape[-1])) if tensor.shape[-1] < width else tensor
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
@@ -88,18 +122,19 @@ class _SelectiveScanCPU(torch.autograd.Function):
         _use_torch_threads()
         batch, dim, length = u.shape
         state = A.shape[1]
-        u32, delta32, A32 = _f32(u), _f32(delta), _f32(A)
-        Bt, Ct = _as_groups(B), _as_groups(C)
+        # The states the backward pass restarts from; not needed under no_grad (inference).
+        save_states = any(ctx.needs_input_grad[:8])
+        width = _state_width(state, training=save_states)
+        u32, delta32, A32 = _f32(u), _f32(delta), _pad_states(_f32(A), width)
         D32 = _f32(D) if D is not None else u32.new_zeros(dim)
         bias32 = _f32(delta_bias) if delta_bias is not None else u32.new_zeros(dim)
         z32 = _f32(z) if z is not None else u32.new_zeros(1, 1, 1)
         out = u32.new_empty(batch, dim, length)
-        # The states the backward pass restarts from; not needed under no_grad (inference).
-        save_states = any(ctx.needs_input_grad[:8])
         n_tiles = -(-length // kern.TILE) if save_states else 0
-        tile_states = u32.new_empty(batch, dim, n_tiles, state)
-        last_state = u32.new_zeros(batch, dim, state)
+        tile_states = u32.new_empty(batch, dim, n_tiles, width)
+        last_state = u32.new_empty(batch, dim, width)
         with _KERNEL_LOCK:
+            Bt, Ct = _as_groups(B, width), _as_groups(C, width)
             kern.scan_forward(
                 u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
                 D32.numpy(), z32.numpy(), softplus, z is not None,
@@ -108,7 +143,8 @@ class _SelectiveScanCPU(torch.autograd.Function):
         ctx.save_for_backward(u32, delta32, bias32, A32, Bt, Ct, D32, z32, tile_states)
         ctx.setup = (softplus, z is not None, D is not None, delta_bias is not None, ungrouped)
         ctx.dtypes = tuple(t.dtype if t is not None else None for t in (u, delta, A, B, C, D, z, delta_bias))
-        return out.to(u.dtype), last_state
+        ctx.state = state
+        return out.to(u.dtype), last_state[..., :state].contiguous()
 
     @staticmethod
     def backward(ctx, dout, dlast_state):
@@ -118,32 +154,33 @@ class _SelectiveScanCPU(torch.autograd.Function):
         u32, delta32, bias32, A32, Bt, Ct, D32, z32, tile_states = ctx.saved_tensors
         softplus, has_z, has_D, has_bias, ungrouped = ctx.setup
         batch, dim, _length = u32.shape
-        groups, length, state = Bt.shape[1], Bt.shape[2], Bt.shape[3]
+        groups, length, width = Bt.shape[1], Bt.shape[2], Bt.shape[3]
+        state = ctx.state
         dout32 = _f32(dout) if dout is not None else torch.zeros_like(u32)
-        dlast32 = _f32(dlast_state) if dlast_state is not None else u32.new_zeros(batch, dim, state)
+        dlast32 = _pad_states(_f32(dlast_state), width) if dlast_state is not None else u32.new_zeros(batch, dim, width)
         n_parts = max(1, min(torch.get_num_threads(), kern.count_blocks(batch, dim, groups)))
         du, ddelta = torch.empty_like(u32), torch.empty_like(u32)
         dz = torch.empty_like(u32) if has_z else u32.new_zeros(1, 1, 1)
-        dA_per_batch = u32.new_empty(batch, dim, state)
+        dA_per_batch = u32.new_empty(batch, dim, width)
         dD_per_batch = u32.new_empty(batch, dim)
-        dBt_parts = u32.new_zeros(n_parts, batch, groups, length, state)
-        dCt_parts = u32.new_zeros(n_parts, batch, groups, length, state)
+        dBt_parts = u32.new_zeros(n_parts, batch, groups, length, width)
+        dCt_parts = u32.new_zeros(n_parts, batch, groups, length, width)
         with _KERNEL_LOCK:
             kern.scan_backward(
                 u32.numpy(), delta32.numpy(), bias32.numpy(), A32.numpy(), Bt.numpy(), Ct.numpy(),
                 D32.numpy(), z32.numpy(), softplus, has_z, dout32.numpy(), tile_states.numpy(), dlast32.numpy(),
                 du.numpy(), ddelta.numpy(), dz.numpy(), dA_per_batch.numpy(), dD_per_batch.numpy(),
-                dBt_parts.numpy(), dCt_parts.numpy(), kern.LANES,
+                dBt_parts.numpy(), dCt_parts.numpy(),
             )  # fmt: skip
-        dB = dBt_parts.sum(0).transpose(-1, -2)
-        dC = dCt_parts.sum(0).transpose(-1, -2)
+        dB = dBt_parts.sum(0)[..., :state].transpose(-1, -2)
+        dC = dCt_parts.sum(0)[..., :state].transpose(-1, -2)
         if ungrouped:
             dB, dC = dB[:, 0], dC[:, 0]
         dtypes = ctx.dtypes
         grads = [
             du.to(dtypes[0]),
             ddelta.to(dtypes[1]),
-            dA_per_batch.sum(0).to(dtypes[2]),
+            dA_per_batch.sum(0)[:, :state].to(dtypes[2]),
             dB.to(dtypes[3]),
             dC.to(dtypes[4]),
             dD_per_batch.sum(0).to(dtypes[5]) if has_D else None,

@@ -159,3 +159,188 @@ def test_inference_without_gradients_gives_the_same_output():
     )
     assert trained.requires_grad
     assert torch.equal(inferred, trained.detach())
+
+
+def _vector_elementwise(vector_fn):
+    """Compile a loop applying one of the kernels' vector functions to an array, LANES values at a time."""
+    import numba
+
+    lanes = _cpu_kernels.LANES
+    vload, vstore = _cpu_kernels.vload, _cpu_kernels.vstore
+
+    @numba.njit
+    def apply(x, out):
+        for i in range(0, x.shape[0], lanes):
+            vstore(out, i, vector_fn(vload(x, i)))
+
+    def run(x):
+        padded = np.zeros(-(-x.size // lanes) * lanes, dtype=np.float32)
+        padded[: x.size] = x
+        out = np.empty_like(padded)
+        apply(padded, out)
+        return out[: x.size]
+
+    return run
+
+
+def test_vector_exp2_matches_exp2_and_clamps():
+    vexp2 = _vector_elementwise(_cpu_kernels.vexp2)
+    x = np.concatenate([np.linspace(-125, 127, 2_000_003), np.linspace(-1e-3, 1e-3, 20_001)]).astype(np.float32)
+    out = vexp2(x)
+    assert np.max(np.abs(out / np.exp2(x.astype(np.float64)) - 1)) < 3e-7
+    extremes = vexp2(np.array([-1e30, -300.0, 128.0, 1e30], dtype=np.float32))
+    assert np.all(np.isfinite(extremes))
+    assert extremes[0] == extremes[1] == pytest.approx(2.0**-125)
+    assert extremes[-1] == pytest.approx(2.0**127, rel=1e-6)
+
+
+def test_vector_exp2_matches_the_scalar_one(vector_exp2):
+    x = np.random.default_rng(0).uniform(-130, 130, 100_000).astype(np.float32)
+    scalar = np.empty_like(x)
+    vector_exp2(x, scalar)
+    np.testing.assert_array_equal(_vector_elementwise(_cpu_kernels.vexp2)(x), scalar)
+
+
+def test_vector_softplus_matches_log1p_exp():
+    x = np.linspace(-85, 90, 1_000_001).astype(np.float32)
+    out = _vector_elementwise(_cpu_kernels.vsoftplus)(x)
+    exact = np.logaddexp(0.0, x.astype(np.float64))
+    assert np.all(np.abs(out - exact) / exact < 3e-7 + 1e-7 * np.abs(x))
+
+
+def test_vector_row_sums_put_row_i_in_lane_i():
+    import numba
+
+    vrowsums, vstore = _cpu_kernels.vrowsums, _cpu_kernels.vstore
+
+    @numba.njit
+    def row_sums(rows, out):
+        vstore(out, 0, vrowsums(rows))
+
+    rows = np.random.default_rng(1).normal(size=(_cpu_kernels.LANES, _cpu_kernels.LANES)).astype(np.float32)
+    rows[3] *= 1000  # lanes must not mix: a large row shows up in one lane only
+    out = np.empty(_cpu_kernels.LANES, dtype=np.float32)
+    row_sums(rows, out)
+    np.testing.assert_allclose(out, rows.astype(np.float64).sum(1), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("count", [0, 1, 7, 15, 16])
+def test_partial_vector_loads_and_stores_touch_only_their_lanes(count):
+    import numba
+
+    lanes = _cpu_kernels.LANES
+    vload_first, vstore_first, vstore = _cpu_kernels.vload_first, _cpu_kernels.vstore_first, _cpu_kernels.vstore
+
+    @numba.njit
+    def copy_first(src, index, count, loaded, dst):
+        v = vload_first(src, index, count)
+        vstore(loaded, 0, v)
+        vstore_first(dst, index, count, v)
+
+    index = 5
+    src = np.arange(1, index + count + 1, dtype=np.float32)  # ends where the lanes end
+    loaded = np.full(lanes, -1.0, dtype=np.float32)
+    dst = np.full(index + lanes + 3, -1.0, dtype=np.float32)
+    copy_first(src, index, count, loaded, dst)
+    np.testing.assert_array_equal(loaded, np.concatenate([src[index:], np.zeros(lanes - count, np.float32)]))
+    np.testing.assert_array_equal(dst[index : index + count], src[index:])
+    assert np.all(np.delete(dst, np.arange(index, index + count)) == -1.0)
+
+
+def _kernel_inputs(inputs):
+    """The float32 numpy arrays ``scan_forward`` reads, from ``random_scan_inputs``."""
+    arrays = {name: inputs[name].numpy() for name in ("u", "delta", "delta_bias", "A", "D", "z")}
+    arrays["Bt"] = np.ascontiguousarray(inputs["B"].numpy().swapaxes(-1, -2))
+    arrays["Ct"] = np.ascontiguousarray(inputs["C"].numpy().swapaxes(-1, -2))
+    return arrays
+
+
+def _kernel_outputs(inputs):
+    """NaN-filled arrays for ``scan_forward`` to write (NaNs left over show what it missed)."""
+    batch, dim, length = inputs["u"].shape
+    state = inputs["A"].shape[1]
+    n_tiles = -(-length // _cpu_kernels.TILE)
+    return {
+        "out": np.full((batch, dim, length), np.nan, dtype=np.float32),
+        "tile_states": np.full((batch, dim, n_tiles, state), np.nan, dtype=np.float32),
+        "last_state": np.full((batch, dim, state), np.nan, dtype=np.float32),
+    }
+
+
+@pytest.mark.parametrize("has_z", [False, True])
+@pytest.mark.parametrize(
+    "length", [3, _cpu_kernels.LANES + 5, _cpu_kernels.SPAN + _cpu_kernels.TILE + 7], ids=["short", "chunk+5", "span+"]
+)
+def test_both_forward_layouts_agree_on_outputs_and_saved_states(length, has_z):
+    """One state vector per channel and one lane per channel: same outputs, tile states and last states."""
+    inputs = random_scan_inputs(2, 40, _cpu_kernels.LANES, length, groups=4, trained_ranges=True, seed=23)
+    arrays = _kernel_inputs(inputs)
+    results = []
+    for kernel in (_cpu_kernels.forward_over_states, _cpu_kernels.forward_over_channels):
+        outputs = _kernel_outputs(inputs)
+        kernel(
+            arrays["u"], arrays["delta"], arrays["delta_bias"], arrays["A"], arrays["Bt"], arrays["Ct"],
+            arrays["D"], arrays["z"], True, has_z, outputs["out"], outputs["tile_states"], outputs["last_state"], True,
+        )  # fmt: skip
+        results.append(outputs)
+    over_states, over_channels = results
+    for name in ("out", "tile_states", "last_state"):
+        assert np.all(np.isfinite(over_states[name])), name
+        np.testing.assert_allclose(over_states[name], over_channels[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_state_vector_forward_feeds_the_backward_across_span_edges():
+    """Gradients through the N = LANES forward's saved tile states, over more than one span."""
+    length = _cpu_kernels.SPAN + 2 * _cpu_kernels.TILE + 9
+    inputs = random_scan_inputs(1, 18, _cpu_kernels.LANES, length, groups=2, seed=29)
+    fast = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    exact = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    out, last = selective_scan(**fast, delta_softplus=True, return_last_state=True, backend="cpu")
+    exact_out, exact_last = selective_scan(**exact, delta_softplus=True, return_last_state=True, backend="reference")
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ((out.double() * weights).sum() + last.double().sum()).backward()
+    ((exact_out * weights).sum() + exact_last.sum()).backward()
+    assert relative_error(out, exact_out) < 1e-4
+    assert relative_error(last, exact_last) < 1e-4
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+        assert relative_error(fast[name].grad, exact[name].grad) < 1e-3, name
+
+
+@pytest.mark.parametrize("state", [1, 8, _cpu_kernels.LANES + 4])
+def test_state_sizes_off_the_vector_width_match_the_reference(state):
+    """With gradients, N < LANES runs padded to LANES states, N > LANES one lane per channel: outputs and gradients."""
+    inputs = random_scan_inputs(2, 20, state, 2 * _cpu_kernels.TILE + 3, groups=2, seed=31)
+    fast = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    exact = {k: v.double().requires_grad_(True) for k, v in inputs.items()}
+    out, last = selective_scan(**fast, delta_softplus=True, return_last_state=True, backend="cpu")
+    exact_out, exact_last = selective_scan(**exact, delta_softplus=True, return_last_state=True, backend="reference")
+    assert last.shape == (2, 20, state) and last.is_contiguous()
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    last_weights = torch.randn(last.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ((out.double() * weights).sum() + (last.double() * last_weights).sum()).backward()
+    ((exact_out * weights).sum() + (exact_last * last_weights).sum()).backward()
+    assert relative_error(out, exact_out) < 1e-4
+    assert relative_error(last, exact_last) < 1e-4
+    for name in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias"):
+        assert fast[name].grad.shape == inputs[name].shape, name
+        assert relative_error(fast[name].grad, exact[name].grad) < 1e-3, name
+
+
+@pytest.mark.parametrize("state", [1, 4])
+def test_small_states_infer_without_padding_and_match_training(state):
+    """Inference with few states scans one lane per channel, training a padded state vector: same outputs."""
+    inputs = random_scan_inputs(2, 20, state, 2 * _cpu_kernels.TILE + 3, groups=2, seed=37)
+    with torch.no_grad():
+        inferred, inferred_last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, backend="cpu")
+    trained, trained_last = selective_scan(
+        **{k: v.clone().requires_grad_(True) for k, v in inputs.items()},
+        delta_softplus=True,
+        return_last_state=True,
+        backend="cpu",
+    )
+    exact, exact_last = selective_scan(
+        **{k: v.double() for k, v in inputs.items()}, delta_softplus=True, return_last_state=True, backend="reference"
+    )
+    assert relative_error(inferred, exact) < 1e-4 and relative_error(inferred_last, exact_last) < 1e-4
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inferred_last, trained_last.detach(), rtol=1e-5, atol=1e-5)

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mamba_seg.bundles import ModelCard, load_bundle, save_bundle
+from napari_mamba_seg.bundles import load_bundle, save_bundle
 from napari_mamba_seg.interactive import ReviewState
-from napari_mamba_seg.models import create_model
 from napari_mamba_seg.training.finetune import (
     CorrectedStudy,
     FineTuneSettings,
@@ -24,15 +23,6 @@ from napari_mamba_seg.training.finetune import (
 )
 
 SHAPE = (6, 32, 32)
-
-
-@pytest.fixture
-def parent(tmp_path):
-    torch.manual_seed(0)
-    folder = tmp_path / "models" / "tiny"
-    card = ModelCard(class_names=["background", "lesion"], channel_names=["T1"], patch_size=[32, 32])
-    save_bundle(create_model("test_unet", in_channels=1, num_classes=2), folder, card)
-    return folder
 
 
 def _study(reviewed=(1, 2, 4), seed=0, garbage_seed=None, axis=0) -> CorrectedStudy:

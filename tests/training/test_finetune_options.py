@@ -24,15 +24,6 @@ SHAPE = (6, 32, 32)
 SETTINGS = FineTuneSettings(steps=3, batch_size=2, device="cpu", augment=False)
 
 
-@pytest.fixture
-def parent(tmp_path):
-    torch.manual_seed(0)
-    folder = tmp_path / "models" / "tiny"
-    card = ModelCard(class_names=["background", "lesion"], channel_names=["T1"], patch_size=[32, 32])
-    save_bundle(create_model("test_unet", in_channels=1, num_classes=2), folder, card)
-    return folder
-
-
 def _study(reviewed=(1, 2, 4), axis=0, garbage_seed=None, shape=SHAPE) -> CorrectedStudy:
     """A lesion study whose prediction misses the lesion's right half; ``garbage_seed``: random labels and
     prediction on the unreviewed slices."""

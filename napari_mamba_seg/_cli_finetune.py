@@ -48,12 +48,6 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
         "--changed-weight", type=float, default=1.0, help="loss weight of voxels changed from --predicted (default: 1)"
     )
     parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder side only")
-    parser.add_argument(
-        "--anchor",
-        action="store_true",
-        help="half of the patches rehearse the model's own prediction on the unreviewed slices (--predicted, else "
-        "predicted here), so the corrections do not shift the whole study",
-    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-step output")
@@ -83,7 +77,6 @@ def run_finetune(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             changed_weight=args.changed_weight,
             freeze_encoder=args.freeze_encoder,
-            anchor=args.anchor,
         )
         outcome = finetune(args.model, studies, settings, progress=None if args.quiet else _print_step)
         folder = write_bundle(outcome, output)

@@ -9,8 +9,7 @@ both scores in its card and in ``provenance.json``.
 
 Options beyond steps and learning rate: ``epochs`` instead of steps, ``changed_weight`` (the voxels the clinician
 changed relative to the model's own prediction, ``CorrectedStudy.predicted``, count that many times in the loss),
-``anchor`` (half of the patches show the model its own prediction on the unreviewed slices, so that it learns what
-the corrections show without drifting elsewhere), ``freeze_encoder`` (only the decoder side learns) and ``augment``.
+``freeze_encoder`` (only the decoder side learns) and ``augment``.
 
 Example:
     >>> study = CorrectedStudy(image, labels, ReviewState(axis=0, num_slices=60, reviewed={10, 20, 30}), spacing)
@@ -38,21 +37,14 @@ from torch import nn
 
 from napari_mamba_seg._durable import fsync_directory, write_durably
 from napari_mamba_seg._generators import CancelSignal
-from napari_mamba_seg.bundles import Bundle, ModelCard, load_bundle, save_bundle, user_bundle_root
-from napari_mamba_seg.inference import PredictionSettings, Predictor
+from napari_mamba_seg.bundles import ModelCard, load_bundle, save_bundle, user_bundle_root
 from napari_mamba_seg.inference.predictor import slice_axis_for
 from napari_mamba_seg.interactive.review import ReviewState
 from napari_mamba_seg.models import get_model_entry
 from napari_mamba_seg.training.augmentation import AugmentationConfig
 from napari_mamba_seg.training.cases import TrainingCase
 from napari_mamba_seg.training.evaluation import MEAN_DICE
-from napari_mamba_seg.training.trainer import (
-    DEFAULT_PATCH_2D,
-    DEFAULT_PATCH_3D,
-    Trainer,
-    TrainingConfig,
-    TrainingProgress,
-)
+from napari_mamba_seg.training.trainer import Trainer, TrainingConfig, TrainingProgress
 
 __all__ = [
     "CorrectedStudy",
@@ -137,11 +129,6 @@ class FineTuneSettings:
             prediction (``CorrectedStudy.predicted``); the other reviewed voxels weigh 1. 1 = off.
         freeze_encoder: Train only the decoder side: the encoder's parameters (``encoder_parameters()`` of the
             model) get no gradient and do not change, nor do its batch-norm statistics.
-        anchor: Anchor the fine-tune to the parent: each study adds a case made of its *unreviewed* slices labelled
-            with the parent's own prediction (``CorrectedStudy.predicted``, else predicted here with the parent), so
-            half of the patches rehearse what the parent did where nobody corrected it. The corrections still win on
-            the reviewed slices; the labels of unreviewed slices are still ignored. Without it, a few corrections
-            that all point one way (all "more tumour" or all "less") shift the whole study that way.
     """
 
     steps: int = 30
@@ -155,7 +142,6 @@ class FineTuneSettings:
     epochs: int | None = None
     changed_weight: float = 1.0
     freeze_encoder: bool = False
-    anchor: bool = False
 
     def __post_init__(self) -> None:
         """Check the values."""
@@ -247,13 +233,7 @@ def finetune(
     train_cases, holdout_cases, used = _cases(studies, settings, slice_wise=slice_wise)
     if not train_cases:
         raise ValueError("no reviewed slice to train on: mark the slices you corrected as reviewed")
-    weights = _voxel_weights(studies, settings, slice_wise=slice_wise)
-    if settings.anchor:  # before training: the parent predicts the unreviewed slices
-        anchor_cases = _anchor_cases(bundle, studies, used, settings, slice_wise=slice_wise)
-        train_cases += anchor_cases
-        weights = None if weights is None else weights + [None] * len(anchor_cases)
     steps = settings.steps_for(sum(len(study["train_slices"]) for study in used))
-    patch = _patch_size(bundle.card, train_cases)
     config = TrainingConfig(
         steps=steps,
         batch_size=settings.batch_size,
@@ -263,13 +243,13 @@ def finetune(
         checkpoint_every=0,
         seed=settings.seed,
         device=settings.device,
-        patch_size=patch,
         foreground_fraction=0.5,
         augmentation=AugmentationConfig() if settings.augment else AugmentationConfig.none(),
     )
     provenance = {"parent": bundle.folder.name, "parent_sha256": bundle.card.sha256, "studies": used}
-    provenance["settings"] = dataclasses.asdict(settings) | {"steps_run": steps, "patch_size": patch}
+    provenance["settings"] = dataclasses.asdict(settings) | {"steps_run": steps}
     card = bundle.fine_tuned_card(training_data=_training_text(bundle.card, used, settings, steps))
+    weights = _voxel_weights(studies, settings, slice_wise=slice_wise)
     provenance["changed_voxels_weighted"] = weights is not None  # changed_weight != 1 and a prediction to compare to
     history: list[tuple[int, float]] = []
 
@@ -289,9 +269,7 @@ def finetune(
     activate, reason = _safety_decision(before, after, settings.tolerance)
     metrics = {"holdout_mean_dice_before": before, "holdout_mean_dice_after": after, "steps": steps}
     card = dataclasses.replace(
-        trainer.card,
-        patch_size=bundle.card.patch_size,  # the parent's tile for prediction, not the (capped) training patch
-        metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
+        trainer.card, metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
     )
     return FineTuneOutcome(trainer.model.eval(), card, before, after, activate, reason, provenance, False, history)
 
@@ -326,37 +304,6 @@ def _cases(
             )
         used.append(record)
     return train_cases, holdout_cases, used
-
-
-def _anchor_cases(
-    bundle: Bundle,
-    studies: Sequence[CorrectedStudy],
-    used: list[dict[str, Any]],
-    settings: FineTuneSettings,
-    *,
-    slice_wise: bool,
-) -> list[TrainingCase]:
-    """Per study with unreviewed slices, a case of those slices labelled with the parent's prediction (recorded in
-    ``used``: how many slices and where the prediction came from)."""
-    cases = []
-    for study, record in zip(studies, used, strict=True):
-        axis = study.review.axis
-        unreviewed = sorted(set(range(study.labels.shape[axis])) - set(study.review.reviewed))
-        if not unreviewed:
-            continue
-        predicted, source = study.predicted, "the study's prediction"
-        if predicted is None:
-            predictor = Predictor(bundle.model, bundle.card, PredictionSettings(device=settings.device))
-            predicted, source = predictor.predict(study.image, study.spacing).labels, "predicted by the parent"
-        record |= {"anchor_slices": len(unreviewed), "anchor_labels": source}
-        name = f"{study.name} (unreviewed, parent's prediction)"
-        if slice_wise and slice_axis_for(study.spacing) == axis:
-            image, labels = np.take(study.image, unreviewed, axis=axis + 1), np.take(predicted, unreviewed, axis=axis)
-            cases.append(TrainingCase(image, labels, None, study.spacing, name))
-        else:
-            unreviewed_voxels = ~study.review.trusted_mask(study.labels.shape)
-            cases.append(TrainingCase(study.image, predicted, unreviewed_voxels, study.spacing, name))
-    return cases
 
 
 def _voxel_weights(
@@ -414,33 +361,6 @@ def _encoder_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
             norm.momentum = momentum
 
 
-def _patch_size(card: ModelCard, cases: Sequence[TrainingCase]) -> tuple[int, ...] | None:
-    """The training patch: the card's (or the trainer's default), capped at the largest case along each axis.
-
-    The predictor caps its tile at the slice (or volume) the same way, so a study smaller than the patch trains on
-    what prediction sees, not on a patch mostly made of padding (and 2-5 times faster on small crops). None when the
-    card resamples (the cases' sizes change on the model's grid).
-    """
-    if card.resample:
-        return None
-    spatial_dims = get_model_entry(card.architecture).spatial_dims
-    patch = card.patch_size or (DEFAULT_PATCH_2D if spatial_dims == 2 else DEFAULT_PATCH_3D)
-    extents = [_model_extent(case, spatial_dims) for case in cases]
-    if any(len(extent) != len(patch) for extent in extents):
-        return None  # the trainer explains the mismatch
-    return tuple(min(int(size), max(extent[axis] for extent in extents)) for axis, size in enumerate(patch))
-
-
-def _model_extent(case: TrainingCase, spatial_dims: int) -> tuple[int, ...]:
-    """The case's size as the model sees it: in-plane (the slice axis as the trainer picks it removed) for a 2D model
-    on a volume, else its spatial shape."""
-    shape = case.spatial_shape
-    if spatial_dims == 2 and len(shape) == 3:
-        axis = slice_axis_for(case.spacing)
-        return tuple(size for a, size in enumerate(shape) if a != axis)
-    return tuple(shape)
-
-
 def _case_of_slices(study: CorrectedStudy, slices: list[int], *, cropped: bool) -> TrainingCase:
     """A case trusted on ``slices`` only: those slices alone (``cropped``) or the whole study with a trust mask."""
     axis = study.review.axis
@@ -485,7 +405,6 @@ def _training_text(parent: ModelCard, used: Sequence[dict[str, Any]], settings: 
     how += [] if settings.augment else ["no augmentation"]
     how += [f"changed voxels weighted {settings.changed_weight:g}"] if settings.changed_weight != 1.0 else []
     how += ["encoder frozen"] if settings.freeze_encoder else []
-    how += ["anchored to the parent's prediction on unreviewed slices"] if settings.anchor else []
     return (
         f"fine-tuned on {slices} reviewed slice(s) of {len(used)} study(ies) ({names}; {', '.join(how)}); parent "
         f"trained on: {parent.training_data or 'not stated'}"

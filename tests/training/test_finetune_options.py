@@ -225,14 +225,11 @@ def test_the_cli_takes_the_new_options(parent, tmp_path) -> None:
         nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), tmp_path / f"{name}.nii")
     files = ["--images", str(tmp_path / "image.nii"), "--labels", str(tmp_path / "labels.nii")]
     base = ["finetune", "--model", str(parent), *files, "--reviewed", "1,2,4", "--device", "cpu", "-q"]
-    options = ["--predicted", str(tmp_path / "predicted.nii"), "--changed-weight", "3", "--freeze-encoder", "--anchor"]
+    options = ["--predicted", str(tmp_path / "predicted.nii"), "--changed-weight", "3", "--freeze-encoder"]
     assert cli.main([*base, *options, "--epochs", "2", "-o", str(tmp_path / "tuned")]) == 0
     record = json.loads((tmp_path / "tuned" / "provenance.json").read_text())
     settings = record["settings"]
-    assert (settings["changed_weight"], settings["freeze_encoder"], settings["epochs"], settings["anchor"]) == (
-        3.0, True, 2, True,
-    )  # fmt: skip
-    assert record["studies"][0]["anchor_labels"] == "the study's prediction"
+    assert (settings["changed_weight"], settings["freeze_encoder"], settings["epochs"]) == (3.0, True, 2)
     assert settings["steps_run"] == 2 and record["studies"][0]["changed_train_voxels"] == 100
     assert cli.main([*base, "--changed-weight", "3", "-o", str(tmp_path / "other")]) == 2  # no --predicted
     assert not (tmp_path / "other").exists()
@@ -250,54 +247,6 @@ def test_the_cli_defaults_are_the_library_defaults() -> None:
     assert (args.steps, args.lr, args.batch_size, args.holdout_every, args.seed, args.device) == (
         defaults.steps, defaults.lr, defaults.batch_size, defaults.holdout_every, defaults.seed, defaults.device,
     )  # fmt: skip
-    assert (args.epochs, args.changed_weight, args.freeze_encoder, args.anchor, not args.no_augmentation) == (
-        defaults.epochs, defaults.changed_weight, defaults.freeze_encoder, defaults.anchor, defaults.augment,
+    assert (args.epochs, args.changed_weight, args.freeze_encoder, not args.no_augmentation) == (
+        defaults.epochs, defaults.changed_weight, defaults.freeze_encoder, defaults.augment,
     )  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------- anchor and patch size
-
-
-def test_the_anchor_rehearses_the_parents_prediction_on_unreviewed_slices(parent) -> None:
-    """Its labels are the parent's prediction (given or computed here: the same model either way), the unreviewed
-    labels still count for nothing, and it changes the fine-tune."""
-    from napari_mamba_seg.inference import PredictionSettings, Predictor
-
-    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
-    computed = _study(garbage_seed=1)
-    computed.predicted = None
-    first = finetune(parent, [computed], anchored)
-    record = first.provenance["studies"][0]
-    assert record["anchor_slices"] == 3 and record["anchor_labels"] == "predicted by the parent"
-
-    given = _study(garbage_seed=2)  # other garbage on the unreviewed slices
-    bundle = load_bundle(parent)
-    given.predicted = (
-        Predictor(bundle.model, bundle.card, PredictionSettings(device="cpu"))
-        .predict(given.image, given.spacing)
-        .labels
-    )
-    second = finetune(parent, [given], anchored)
-    assert second.provenance["studies"][0]["anchor_labels"] == "the study's prediction"
-    assert _same_weights(first.model, second.model)
-
-    plain = finetune(parent, [computed], SETTINGS)
-    assert not _same_weights(first.model, plain.model)
-
-
-def test_the_anchor_across_slices_trusts_exactly_the_unreviewed_voxels(parent) -> None:
-    """Reviewed along another axis than the model slices: the anchor case is the whole study, trusted where
-    unreviewed; the reviewed slices' anchor labels (the prediction there) must not count."""
-    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
-    first, second = _study((11, 14, 17), axis=1), _study((11, 14, 17), axis=1)
-    second.predicted[:, 11] = 1 - second.predicted[:, 11]  # differs on a reviewed slice only
-    assert _same_weights(finetune(parent, [first], anchored).model, finetune(parent, [second], anchored).model)
-
-
-def test_the_training_patch_is_capped_at_the_study_and_the_card_keeps_its_tile(tmp_path) -> None:
-    torch.manual_seed(0)
-    folder = tmp_path / "wide"
-    save_bundle(create_model("test_unet", in_channels=1, num_classes=2), folder, ModelCard(patch_size=[64, 48]))
-    outcome = finetune(folder, [_study()], SETTINGS)  # slices of 32 x 32
-    assert outcome.provenance["settings"]["patch_size"] == (32, 32)
-    assert outcome.card.patch_size == [64, 48]

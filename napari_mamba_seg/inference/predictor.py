@@ -99,6 +99,11 @@ class PredictionSettings:
         tta: Average the softmax over all flips of the spatial axes (4 in 2D, 8 in 3D).
         return_probabilities: Also return the ``(num_classes, *spatial)`` float32 probabilities.
         resample: Resample to the card's spacing and back; None = as the card says.
+        blank_slices_background: Label background every slice of a volume (along the slice axis: the chosen one
+            for a 2D model, the coarsest spacing for a 3D one) in which every channel is constant: outside the
+            scanner's field of view, where the network gets no signal but can still draw shapes (the bundled
+            mr-tumour model drew a 15,000-voxel tumour on the five empty end slices of sarcoma case STS_004). The
+            probabilities there become background 1.
     """
 
     device: str = "auto"
@@ -111,6 +116,7 @@ class PredictionSettings:
     tta: bool = False
     return_probabilities: bool = False
     resample: bool | None = None
+    blank_slices_background: bool = True
 
 
 @dataclass(frozen=True)
@@ -604,6 +610,9 @@ class Predictor:
                 yield PredictionProgress(1, 1, "resampling", "probabilities back to the image grid")
         finally:
             self.model.train(was_training)
+        if self.settings.blank_slices_background and image.ndim == 4:
+            axis = layout.axis if layout.axis is not None else slice_axis_for(spacing)
+            _set_background(writer.labels, writer.probabilities, axis, blank_slices(image, axis))
         return Prediction(writer.labels, writer.probabilities, self.class_names, plan)
 
     def _normalise(
@@ -686,6 +695,25 @@ class _OutputWriter:
             _argmax_into(channels, self.labels)
         else:
             _argmax_into((p for p in probabilities), self.labels)
+
+
+def blank_slices(image: np.ndarray, axis: int) -> np.ndarray:
+    """``(size,)`` bool: the slices of the ``(C, *spatial)`` image along spatial ``axis`` in which every channel is
+    constant (no signal: outside the field of view)."""
+    others = tuple(a for a in range(1, image.ndim) if a != axis + 1)
+    constant = np.max(image, axis=others) == np.min(image, axis=others)  # (C, size)
+    return constant.all(axis=0)
+
+
+def _set_background(labels: np.ndarray, probabilities: np.ndarray | None, axis: int, blank: np.ndarray) -> None:
+    """Background (label 0, probability 1) on the ``blank`` slices along ``axis``, in place."""
+    if not blank.any():
+        return
+    region = (slice(None),) * axis + (np.flatnonzero(blank),)
+    labels[region] = 0
+    if probabilities is not None:
+        probabilities[(slice(None), *region)] = 0.0
+        probabilities[(0, *region)] = 1.0
 
 
 def _as_array(image: Any) -> np.ndarray:

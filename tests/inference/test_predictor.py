@@ -18,6 +18,7 @@ from napari_mamba_seg.inference import (
     Predictor,
     normalize_image,
 )
+from napari_mamba_seg.inference.predictor import blank_slices
 from napari_mamba_seg.io import ImageGeometry, MedicalImage
 from napari_mamba_seg.models import create_model
 
@@ -162,6 +163,42 @@ def test_tta_is_the_mean_of_the_flipped_predictions(model_name, request, make_im
         flipped.append(np.flip(probabilities, tuple(1 + a for a in axes)))
     np.testing.assert_allclose(tta.probabilities, np.mean(flipped, axis=0), atol=1e-5)
     assert not np.allclose(tta.probabilities, flipped[0], atol=1e-3)  # the flips did change something
+
+
+# ------------------------------------------------------------------------------------------------ blank planes
+
+
+@pytest.mark.parametrize(("model_name", "axis"), [("per_pixel_3d", 0), ("vm_unet", 0), ("vm_unet", 2)])
+def test_slices_without_signal_are_background(model_name, axis, request, make_image) -> None:
+    model = request.getfixturevalue(model_name)
+    image = np.moveaxis(make_image((2, 7, 24, 20)), 1, 1 + axis).copy()
+    blank = np.zeros(image.shape[1:], bool)
+    blank[(slice(None),) * axis + (slice(-2, None),)] = True  # two end slices outside the field of view
+    image[:, blank] = 0.0
+    spacing = [1.0, 1.0, 1.0]
+    spacing[axis] = 3.0  # the slice axis
+    shown = {}
+    for blank_background in (False, True):
+        settings = PredictionSettings(return_probabilities=True, blank_slices_background=blank_background)
+        shown[blank_background] = Predictor(model, None, settings).predict(image, spacing)
+    raw, cleaned = shown[False], shown[True]
+    assert raw.labels[blank].any(), "the model must draw something on the blank slices for this test to mean anything"
+    assert not cleaned.labels[blank].any()
+    np.testing.assert_array_equal(cleaned.labels[~blank], raw.labels[~blank])
+    background = np.zeros((3, int(blank.sum())), np.float32)
+    background[0] = 1.0
+    np.testing.assert_array_equal(cleaned.probabilities[:, blank], background)
+    np.testing.assert_array_equal(cleaned.probabilities[:, ~blank], raw.probabilities[:, ~blank])
+
+
+def test_only_slices_constant_in_every_channel_are_blank(make_image) -> None:
+    image = make_image((2, 7, 24, 20))
+    image[0, 6] = 0.0  # channel 0 constant on the last slice, channel 1 not
+    image[:, :, :, 0] = 0.0  # a zero column plane: not along the slice axis
+    assert not blank_slices(image, 0).any()
+    assert np.flatnonzero(blank_slices(image, 2)).tolist() == [0]
+    image[1, 6] = 5.0
+    assert np.flatnonzero(blank_slices(image, 0)).tolist() == [6]
 
 
 # ------------------------------------------------------------------------------------------------ cancelling

@@ -200,6 +200,11 @@ def main() -> None:
         "--changed-weight", type=float, help="weight of the corrected voxels (default: FineTuneSettings')"
     )
     parser.add_argument("--freeze-encoder", action="store_true")
+    parser.add_argument(
+        "--anchor",
+        action=argparse.BooleanOptionalAction,
+        help="rehearse the parent's prediction on unreviewed slices (default: FineTuneSettings')",
+    )
     parser.add_argument("--no-augmentation", action="store_true")
     parser.add_argument("--holdout-every", type=int, help="default: FineTuneSettings'")
     parser.add_argument("--seed", type=int, help="default: FineTuneSettings'")
@@ -225,6 +230,7 @@ def main() -> None:
         "holdout_every": args.holdout_every,
         "seed": args.seed,
         "freeze_encoder": args.freeze_encoder or None,
+        "anchor": args.anchor,
         "augment": False if args.no_augmentation else None,
     }
     base = FineTuneSettings(device="cpu", **{key: value for key, value in given.items() if value is not None})

@@ -36,11 +36,11 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--axis", default="auto", help="slice axis of --reviewed indices: auto (coarsest) or 0-2")
     parser.add_argument("--output", "-o", required=True, metavar="OUTDIR", help="the new bundle folder")
     parser.add_argument("--predicted", nargs="+", metavar="PREDICTION", help="the model's prediction, one per study")
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps (default: 30)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument(
         "--epochs", type=int, help="train this many epochs instead of --steps (an epoch: one patch per training slice)"
     )
-    parser.add_argument("--lr", type=float, default=3e-5, help="peak learning rate (default: 3e-5)")
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default: 3e-4)")
     parser.add_argument("--batch-size", type=int, default=2, help="patches per step (default: 2)")
     parser.add_argument("--holdout-every", type=int, default=3, help="hold out every N-th reviewed slice (default 3)")
     parser.add_argument("--no-augmentation", action="store_true", help="train on the slices as they are")
@@ -48,6 +48,13 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
         "--changed-weight", type=float, default=1.0, help="loss weight of voxels changed from --predicted (default: 1)"
     )
     parser.add_argument("--freeze-encoder", action="store_true", help="train the decoder side only")
+    parser.add_argument(
+        "--anchor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="half of the patches rehearse the model's own prediction on the unreviewed slices (--predicted, else "
+        "predicted here), so the corrections do not shift the whole study (default: on)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
     parser.add_argument("--quiet", "-q", action="store_true", help="no per-step output")
@@ -77,6 +84,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             changed_weight=args.changed_weight,
             freeze_encoder=args.freeze_encoder,
+            anchor=args.anchor,
         )
         outcome = finetune(args.model, studies, settings, progress=None if args.quiet else _print_step)
         folder = write_bundle(outcome, output)

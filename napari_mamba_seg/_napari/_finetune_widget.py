@@ -99,21 +99,22 @@ def finetune_job(
 
     :func:`finetune` reports through a callback, so it runs in a thread of its own that puts its reports in a queue;
     this generator hands them on as they come (in napari's worker thread). A cancelled run saves nothing. When
-    ``settings.changed_weight`` is not 1, the voxels the clinician changed must be known: each study is first
-    predicted again with ``source`` (its ``targets`` entry gives the image), yielding prediction progress.
+    ``settings.changed_weight`` is not 1 or ``settings.anchor`` is on, the model's own prediction must be known: each
+    study is first predicted again with ``source`` (its ``targets`` entry gives the image), yielding prediction
+    progress.
 
     Args:
         source: The bundle to start from (name or folder).
         studies: The corrected studies.
         settings: How to fine-tune.
         cancel: Set it to stop before the next step; also set when the generator is closed early.
-        targets: One per study, in order: needed when ``settings.changed_weight != 1``.
+        targets: One per study, in order: needed when ``settings.changed_weight != 1`` or ``settings.anchor``.
 
     Raises:
         ValueError: From :func:`finetune` (e.g. no reviewed slice, a study that does not fit the model).
         PredictionCancelled: Cancelled while predicting the studies again.
     """
-    if settings.changed_weight != 1:
+    if settings.changed_weight != 1 or settings.anchor:
         studies = yield from _with_predictions(source, studies, targets, settings.device, cancel)
     reports: queue.Queue[Any] = queue.Queue()
     finished = object()
@@ -308,6 +309,12 @@ class FineTuneWidget(QWidget):
         )
         self.freeze_encoder = QCheckBox("freeze the encoder (train the decoder only)")
         self.freeze_encoder.setChecked(FineTuneSettings().freeze_encoder)
+        self.anchor = QCheckBox("anchor to the model's own prediction on unreviewed slices")
+        self.anchor.setChecked(FineTuneSettings().anchor)
+        self.anchor.setToolTip(
+            "half of the patches show the model what it predicted on the slices you did not review, so your "
+            "corrections change what they show without shifting the whole study (the studies are predicted once more)"
+        )
         self.device_box = DeviceBox()
         self.controls = RunControls("Fine-tune", self.run, self.cancel)
         self.run_button = self.controls.run_button
@@ -330,6 +337,7 @@ class FineTuneWidget(QWidget):
         form.addRow("", self.augment)
         form.addRow("Changed voxels ×", self.changed_weight)
         form.addRow("", self.freeze_encoder)
+        form.addRow("", self.anchor)
         form.addRow("Device", self.device_box)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -479,6 +487,7 @@ class FineTuneWidget(QWidget):
             device=self.device_box.device(),
             changed_weight=self.changed_weight.value(),
             freeze_encoder=self.freeze_encoder.isChecked(),
+            anchor=self.anchor.isChecked(),
         )
 
     # ---------------------------------------------------------------------------------------------- run

@@ -249,7 +249,7 @@ def test_changed_voxels_weighted_and_encoder_frozen_from_the_form(
     make_napari_viewer, qtbot, tiny_bundle, models_root, errors
 ) -> None:
     """With "Changed voxels ×" above 1 the widget predicts the study again to find the voxels the clinician changed;
-    with "freeze the encoder" the new version's encoder weights equal the parent's."""
+    with "freeze the encoder" the new version's encoder weights equal the parent's; "anchor" uses that prediction."""
     import torch
 
     from napari_mamba_seg.bundles import load_bundle
@@ -268,6 +268,7 @@ def test_changed_voxels_weighted_and_encoder_frozen_from_the_form(
     widget = _open(viewer, steps=2)
     widget.changed_weight.setValue(4.0)
     widget.freeze_encoder.setChecked(True)
+    widget.anchor.setChecked(True)
     widget.run_button.click()
     _finish(qtbot, widget)
     assert not errors, errors
@@ -277,6 +278,8 @@ def test_changed_voxels_weighted_and_encoder_frozen_from_the_form(
     assert provenance["changed_voxels_weighted"] is True
     assert provenance["studies"][0]["changed_train_voxels"] == changed_on_train_slice > 0
     assert provenance["settings"]["changed_weight"] == 4.0 and provenance["settings"]["freeze_encoder"] is True
+    assert provenance["settings"]["anchor"] is True
+    assert provenance["studies"][0]["anchor_labels"] == "the study's prediction"  # the widget's own prediction
     parent, child = load_bundle(tiny_bundle).model, load_bundle(version).model
     encoder_ids = {id(parameter) for parameter in parent.encoder_parameters()}
     encoder = {name for name, parameter in parent.named_parameters() if id(parameter) in encoder_ids}

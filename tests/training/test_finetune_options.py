@@ -21,7 +21,7 @@ from napari_mamba_seg.training.finetune import CorrectedStudy, FineTuneSettings,
 from napari_mamba_seg.training.losses import DiceCELoss
 
 SHAPE = (6, 32, 32)
-SETTINGS = FineTuneSettings(steps=3, batch_size=2, device="cpu", augment=False)
+SETTINGS = FineTuneSettings(steps=3, batch_size=2, device="cpu", augment=False, anchor=False)  # anchor: own tests
 
 
 def _study(reviewed=(1, 2, 4), axis=0, garbage_seed=None, shape=SHAPE) -> CorrectedStudy:
@@ -137,7 +137,7 @@ def test_voxel_weights_are_checked() -> None:
 @pytest.mark.parametrize("axis", [0, 1], ids=["slices-along-the-model-axis", "trust-mask-across-slices"])
 def test_changed_voxels_weigh_more_and_unreviewed_ones_still_do_not_count(parent, axis) -> None:
     reviewed = (1, 2, 4) if axis == 0 else (11, 14, 17)
-    weighted = FineTuneSettings(steps=3, batch_size=2, device="cpu", augment=False, changed_weight=4.0)
+    weighted = FineTuneSettings(steps=3, batch_size=2, device="cpu", augment=False, changed_weight=4.0, anchor=False)
     first = finetune(parent, [_study(reviewed, axis, garbage_seed=1)], weighted)
     second = finetune(parent, [_study(reviewed, axis, garbage_seed=2)], weighted)
     assert _same_weights(first.model, second.model)  # unreviewed labels and prediction: no effect
@@ -153,8 +153,10 @@ def test_nothing_changed_means_the_weighting_changes_nothing(parent) -> None:
     """Prediction == labels: all weights 1, and the fine-tune equals the unweighted one bit for bit."""
     study = _study()
     study.predicted = study.labels.copy()
-    weighted = finetune(parent, [study], FineTuneSettings(steps=3, device="cpu", augment=True, changed_weight=5.0))
-    plain = finetune(parent, [_study()], FineTuneSettings(steps=3, device="cpu", augment=True))
+    weighted = finetune(
+        parent, [study], FineTuneSettings(steps=3, device="cpu", augment=True, changed_weight=5.0, anchor=False)
+    )
+    plain = finetune(parent, [_study()], FineTuneSettings(steps=3, device="cpu", augment=True, anchor=False))
     assert _same_weights(weighted.model, plain.model)
 
 
@@ -180,7 +182,7 @@ def _parent_of(name: str, folder) -> tuple[object, tuple[int, ...]]:
 @pytest.mark.parametrize("name", [n for n in list_models(include_test=True) if n.startswith("test_")])
 def test_a_frozen_encoder_does_not_move_while_the_decoder_learns(name, tmp_path) -> None:
     folder, shape = _parent_of(name, tmp_path / name)
-    settings = FineTuneSettings(steps=2, lr=1e-3, device="cpu", augment=False, freeze_encoder=True)
+    settings = FineTuneSettings(steps=2, lr=1e-3, device="cpu", augment=False, freeze_encoder=True, anchor=False)
     outcome = finetune(folder, [_study(reviewed=(1, 2, 4), shape=shape)], settings)
     before = load_bundle(folder).model
     encoder = {id(p) for p in outcome.model.encoder_parameters()}
@@ -225,11 +227,14 @@ def test_the_cli_takes_the_new_options(parent, tmp_path) -> None:
         nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), tmp_path / f"{name}.nii")
     files = ["--images", str(tmp_path / "image.nii"), "--labels", str(tmp_path / "labels.nii")]
     base = ["finetune", "--model", str(parent), *files, "--reviewed", "1,2,4", "--device", "cpu", "-q"]
-    options = ["--predicted", str(tmp_path / "predicted.nii"), "--changed-weight", "3", "--freeze-encoder"]
+    options = ["--predicted", str(tmp_path / "predicted.nii"), "--changed-weight", "3", "--freeze-encoder", "--anchor"]
     assert cli.main([*base, *options, "--epochs", "2", "-o", str(tmp_path / "tuned")]) == 0
     record = json.loads((tmp_path / "tuned" / "provenance.json").read_text())
     settings = record["settings"]
-    assert (settings["changed_weight"], settings["freeze_encoder"], settings["epochs"]) == (3.0, True, 2)
+    assert (settings["changed_weight"], settings["freeze_encoder"], settings["epochs"], settings["anchor"]) == (
+        3.0, True, 2, True,
+    )  # fmt: skip
+    assert record["studies"][0]["anchor_labels"] == "the study's prediction"
     assert settings["steps_run"] == 2 and record["studies"][0]["changed_train_voxels"] == 100
     assert cli.main([*base, "--changed-weight", "3", "-o", str(tmp_path / "other")]) == 2  # no --predicted
     assert not (tmp_path / "other").exists()
@@ -247,6 +252,45 @@ def test_the_cli_defaults_are_the_library_defaults() -> None:
     assert (args.steps, args.lr, args.batch_size, args.holdout_every, args.seed, args.device) == (
         defaults.steps, defaults.lr, defaults.batch_size, defaults.holdout_every, defaults.seed, defaults.device,
     )  # fmt: skip
-    assert (args.epochs, args.changed_weight, args.freeze_encoder, not args.no_augmentation) == (
-        defaults.epochs, defaults.changed_weight, defaults.freeze_encoder, defaults.augment,
+    assert (args.epochs, args.changed_weight, args.freeze_encoder, args.anchor, not args.no_augmentation) == (
+        defaults.epochs, defaults.changed_weight, defaults.freeze_encoder, defaults.anchor, defaults.augment,
     )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ anchor
+
+
+def test_the_anchor_rehearses_the_parents_prediction_on_unreviewed_slices(parent) -> None:
+    """Its labels are the parent's prediction (given or computed here: the same model either way), the unreviewed
+    labels still count for nothing, and it changes the fine-tune."""
+    from napari_mamba_seg.inference import PredictionSettings, Predictor
+
+    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
+    computed = _study(garbage_seed=1)
+    computed.predicted = None
+    first = finetune(parent, [computed], anchored)
+    record = first.provenance["studies"][0]
+    assert record["anchor_slices"] == 3 and record["anchor_labels"] == "predicted by the parent"
+
+    given = _study(garbage_seed=2)  # other garbage on the unreviewed slices
+    bundle = load_bundle(parent)
+    given.predicted = (
+        Predictor(bundle.model, bundle.card, PredictionSettings(device="cpu"))
+        .predict(given.image, given.spacing)
+        .labels
+    )
+    second = finetune(parent, [given], anchored)
+    assert second.provenance["studies"][0]["anchor_labels"] == "the study's prediction"
+    assert _same_weights(first.model, second.model)
+
+    plain = finetune(parent, [computed], SETTINGS)
+    assert not _same_weights(first.model, plain.model)
+
+
+def test_the_anchor_across_slices_trusts_exactly_the_unreviewed_voxels(parent) -> None:
+    """Reviewed along another axis than the model slices: the anchor case is the whole study, trusted where
+    unreviewed; the reviewed slices' anchor labels (the prediction there) must not count."""
+    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
+    first, second = _study((11, 14, 17), axis=1), _study((11, 14, 17), axis=1)
+    second.predicted[:, 11] = 1 - second.predicted[:, 11]  # differs on a reviewed slice only
+    assert _same_weights(finetune(parent, [first], anchored).model, finetune(parent, [second], anchored).model)

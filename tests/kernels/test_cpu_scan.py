@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_mamba_seg.kernels import _cpu_kernels, selective_scan
+from napari_mamba_seg.kernels import _cpu_kernels, _simd, selective_scan
 from napari_mamba_seg.kernels.testing import random_scan_inputs, relative_error
 
 
@@ -18,7 +18,7 @@ def _elementwise(scalar_fn):
     """Compile a loop applying one of the kernels' inline scalar functions to an array."""
     import numba
 
-    @numba.njit(fastmath=_cpu_kernels._FASTMATH, error_model="numpy")
+    @numba.njit(fastmath=_simd._FASTMATH, error_model="numpy")
     def apply(x, out):
         for i in range(x.shape[0]):
             out[i] = scalar_fn(x[i])
@@ -28,12 +28,12 @@ def _elementwise(scalar_fn):
 
 @pytest.fixture(scope="module")
 def vector_exp2():
-    return _elementwise(_cpu_kernels.fast_exp2)
+    return _elementwise(_simd.fast_exp2)
 
 
 @pytest.fixture(scope="module")
 def vector_softplus():
-    return _elementwise(_cpu_kernels._softplus)
+    return _elementwise(_simd._softplus)
 
 
 def test_fast_exp2_is_accurate_to_float32_rounding(vector_exp2):
@@ -165,8 +165,8 @@ def _vector_elementwise(vector_fn):
     """Compile a loop applying one of the kernels' vector functions to an array, LANES values at a time."""
     import numba
 
-    lanes = _cpu_kernels.LANES
-    vload, vstore = _cpu_kernels.vload, _cpu_kernels.vstore
+    lanes = _simd.LANES
+    vload, vstore = _simd.vload, _simd.vstore
 
     @numba.njit
     def apply(x, out):
@@ -184,7 +184,7 @@ def _vector_elementwise(vector_fn):
 
 
 def test_vector_exp2_matches_exp2_and_clamps():
-    vexp2 = _vector_elementwise(_cpu_kernels.vexp2)
+    vexp2 = _vector_elementwise(_simd.vexp2)
     x = np.concatenate([np.linspace(-125, 127, 2_000_003), np.linspace(-1e-3, 1e-3, 20_001)]).astype(np.float32)
     out = vexp2(x)
     assert np.max(np.abs(out / np.exp2(x.astype(np.float64)) - 1)) < 3e-7
@@ -198,12 +198,12 @@ def test_vector_exp2_matches_the_scalar_one(vector_exp2):
     x = np.random.default_rng(0).uniform(-130, 130, 100_000).astype(np.float32)
     scalar = np.empty_like(x)
     vector_exp2(x, scalar)
-    np.testing.assert_array_equal(_vector_elementwise(_cpu_kernels.vexp2)(x), scalar)
+    np.testing.assert_array_equal(_vector_elementwise(_simd.vexp2)(x), scalar)
 
 
 def test_vector_softplus_matches_log1p_exp():
     x = np.linspace(-85, 90, 1_000_001).astype(np.float32)
-    out = _vector_elementwise(_cpu_kernels.vsoftplus)(x)
+    out = _vector_elementwise(_simd.vsoftplus)(x)
     exact = np.logaddexp(0.0, x.astype(np.float64))
     assert np.all(np.abs(out - exact) / exact < 3e-7 + 1e-7 * np.abs(x))
 
@@ -211,7 +211,7 @@ def test_vector_softplus_matches_log1p_exp():
 def test_vector_row_sums_put_row_i_in_lane_i():
     import numba
 
-    vrowsums, vstore = _cpu_kernels.vrowsums, _cpu_kernels.vstore
+    vrowsums, vstore = _simd.vrowsums, _simd.vstore
 
     @numba.njit
     def row_sums(rows, out):
@@ -228,8 +228,8 @@ def test_vector_row_sums_put_row_i_in_lane_i():
 def test_partial_vector_loads_and_stores_touch_only_their_lanes(count):
     import numba
 
-    lanes = _cpu_kernels.LANES
-    vload_first, vstore_first, vstore = _cpu_kernels.vload_first, _cpu_kernels.vstore_first, _cpu_kernels.vstore
+    lanes = _simd.LANES
+    vload_first, vstore_first, vstore = _simd.vload_first, _simd.vstore_first, _simd.vstore
 
     @numba.njit
     def copy_first(src, index, count, loaded, dst):

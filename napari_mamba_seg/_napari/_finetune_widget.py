@@ -285,6 +285,7 @@ class FineTuneWidget(QWidget):
         self.layer_list = QListWidget()
         self.layer_list.setSelectionMode(QAbstractItemView.SelectionMode.ExtendedSelection)
         self.layer_list.setToolTip("corrected Labels layers made with the Segment widget (one or several studies)")
+        self.layer_list.setMinimumHeight(60)
         self.layer_list.setMaximumHeight(100)
         self.layer_list.itemSelectionChanged.connect(self._on_choice_changed)
         self.summary = QLabel()
@@ -329,9 +330,9 @@ class FineTuneWidget(QWidget):
         self.resegment_button.setEnabled(False)
         self.resegment_button.clicked.connect(self.resegment)
 
+        choice = QFormLayout()
+        choice.addRow("Corrected layers", self.layer_list)
         form = QFormLayout()
-        form.addRow("Corrected layers", self.layer_list)
-        form.addRow("", self.summary)
         form.addRow("Steps", self.steps)
         form.addRow("Learning rate", self.lr)
         form.addRow("", self.augment)
@@ -340,6 +341,8 @@ class FineTuneWidget(QWidget):
         form.addRow("", self.anchor)
         form.addRow("Device", self.device_box)
         layout = QVBoxLayout(self)
+        layout.addLayout(choice)
+        layout.addWidget(self.summary)  # outside the form: a wrapped label in a form row can overlap the row above
         layout.addLayout(form)
         layout.addWidget(self.controls)
         layout.addWidget(self.loss_plot)

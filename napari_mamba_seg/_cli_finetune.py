@@ -36,7 +36,7 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--axis", default="auto", help="slice axis of --reviewed indices: auto (coarsest) or 0-2")
     parser.add_argument("--output", "-o", required=True, metavar="OUTDIR", help="the new bundle folder")
     parser.add_argument("--predicted", nargs="+", metavar="PREDICTION", help="the model's prediction, one per study")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
+    parser.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
     parser.add_argument(
         "--epochs", type=int, help="train this many epochs instead of --steps (an epoch: one patch per training slice)"
     )

@@ -46,7 +46,13 @@ from napari_mamba_seg.models import get_model_entry
 from napari_mamba_seg.training.augmentation import AugmentationConfig
 from napari_mamba_seg.training.cases import TrainingCase
 from napari_mamba_seg.training.evaluation import MEAN_DICE
-from napari_mamba_seg.training.trainer import Trainer, TrainingConfig, TrainingProgress
+from napari_mamba_seg.training.trainer import (
+    DEFAULT_PATCH_2D,
+    DEFAULT_PATCH_3D,
+    Trainer,
+    TrainingConfig,
+    TrainingProgress,
+)
 
 __all__ = [
     "CorrectedStudy",
@@ -136,12 +142,12 @@ class FineTuneSettings:
             half of the patches rehearse what the parent did where nobody corrected it. The corrections still win on
             the reviewed slices; the labels of unreviewed slices are still ignored. Without it, a few corrections
             that all point one way (all "more tumour" or all "less") shift the whole study that way. On by default,
-            with ``lr`` 3e-4 and 60 steps: on issue 7's protocol (BENCHMARKS.md) that took the mean gain over 7 unseen
-            sarcoma cases from +0.000 (no anchor, lr 3e-5, 30 steps) to +0.017, and the same lr without the anchor
+            with ``lr`` 3e-4 and 80 steps: on issue 7's protocol (BENCHMARKS.md) that took the mean gain over 7 unseen
+            sarcoma cases from +0.000 (no anchor, lr 3e-5, 30 steps) to +0.025, and the same lr without the anchor
             spread the corrected case's tumour over its other slices.
     """
 
-    steps: int = 60
+    steps: int = 80
     lr: float = 3e-4
     batch_size: int = 2
     augment: bool = True
@@ -250,6 +256,7 @@ def finetune(
         train_cases += anchor_cases
         weights = None if weights is None else weights + [None] * len(anchor_cases)
     steps = settings.steps_for(sum(len(study["train_slices"]) for study in used))
+    patch = _patch_size(bundle.card, train_cases)
     config = TrainingConfig(
         steps=steps,
         batch_size=settings.batch_size,
@@ -259,11 +266,12 @@ def finetune(
         checkpoint_every=0,
         seed=settings.seed,
         device=settings.device,
+        patch_size=patch,
         foreground_fraction=0.5,
         augmentation=AugmentationConfig() if settings.augment else AugmentationConfig.none(),
     )
     provenance = {"parent": bundle.folder.name, "parent_sha256": bundle.card.sha256, "studies": used}
-    provenance["settings"] = dataclasses.asdict(settings) | {"steps_run": steps}
+    provenance["settings"] = dataclasses.asdict(settings) | {"steps_run": steps, "patch_size": patch}
     card = bundle.fine_tuned_card(training_data=_training_text(bundle.card, used, settings, steps))
     provenance["changed_voxels_weighted"] = weights is not None  # changed_weight != 1 and a prediction to compare to
     history: list[tuple[int, float]] = []
@@ -285,6 +293,7 @@ def finetune(
     metrics = {"holdout_mean_dice_before": before, "holdout_mean_dice_after": after, "steps": steps}
     card = dataclasses.replace(
         trainer.card,
+        patch_size=bundle.card.patch_size,  # the parent's tile for prediction, not the (capped) training patch
         metrics={k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))},
     )
     return FineTuneOutcome(trainer.model.eval(), card, before, after, activate, reason, provenance, False, history)
@@ -406,6 +415,33 @@ def _encoder_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
             parameter.requires_grad_(flag)
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
+
+
+def _patch_size(card: ModelCard, cases: Sequence[TrainingCase]) -> tuple[int, ...] | None:
+    """The training patch: the card's (or the trainer's default), capped at the largest case along each axis.
+
+    The predictor caps its tile at the slice (or volume) the same way, so a study smaller than the patch trains on
+    what prediction sees, not on a patch mostly made of padding (and faster). None when the card resamples (the
+    cases' sizes change on the model's grid).
+    """
+    if card.resample:
+        return None
+    spatial_dims = get_model_entry(card.architecture).spatial_dims
+    patch = card.patch_size or (DEFAULT_PATCH_2D if spatial_dims == 2 else DEFAULT_PATCH_3D)
+    extents = [_model_extent(case, spatial_dims) for case in cases]
+    if any(len(extent) != len(patch) for extent in extents):
+        return None  # the trainer explains the mismatch
+    return tuple(min(int(size), max(extent[axis] for extent in extents)) for axis, size in enumerate(patch))
+
+
+def _model_extent(case: TrainingCase, spatial_dims: int) -> tuple[int, ...]:
+    """The case's size as the model sees it: in-plane (the slice axis as the trainer picks it removed) for a 2D model
+    on a volume, else its spatial shape."""
+    shape = case.spatial_shape
+    if spatial_dims == 2 and len(shape) == 3:
+        axis = slice_axis_for(case.spacing)
+        return tuple(size for a, size in enumerate(shape) if a != axis)
+    return tuple(shape)
 
 
 def _case_of_slices(study: CorrectedStudy, slices: list[int], *, cropped: bool) -> TrainingCase:

@@ -294,3 +294,12 @@ def test_the_anchor_across_slices_trusts_exactly_the_unreviewed_voxels(parent) -
     first, second = _study((11, 14, 17), axis=1), _study((11, 14, 17), axis=1)
     second.predicted[:, 11] = 1 - second.predicted[:, 11]  # differs on a reviewed slice only
     assert _same_weights(finetune(parent, [first], anchored).model, finetune(parent, [second], anchored).model)
+
+
+def test_the_training_patch_is_capped_at_the_study_and_the_card_keeps_its_tile(tmp_path) -> None:
+    torch.manual_seed(0)
+    folder = tmp_path / "wide"
+    save_bundle(create_model("test_unet", in_channels=1, num_classes=2), folder, ModelCard(patch_size=[64, 48]))
+    outcome = finetune(folder, [_study()], SETTINGS)  # slices of 32 x 32
+    assert outcome.provenance["settings"]["patch_size"] == (32, 32)
+    assert outcome.card.patch_size == [64, 48]

@@ -310,10 +310,9 @@ def _cases(
     train_cases, holdout_cases, used = [], [], []
     for study in studies:
         train, holdout = split_reviewed_slices(study.review, settings.holdout_every)
-        along_review_axis = slice_wise and slice_axis_for(study.spacing) == study.review.axis
         for slices, cases in ((train, train_cases), (holdout, holdout_cases)):
             if slices:
-                cases.append(_case_of_slices(study, slices, cropped=along_review_axis))
+                cases.append(_case_of_slices(study, slices, cropped=_cropped(study, slice_wise)))
         record = {
             "name": study.name,
             "image_sha256": _array_sha256(study.image),
@@ -343,8 +342,7 @@ def _anchor_cases(
     ``used``: how many slices and where the prediction came from)."""
     cases = []
     for study, record in zip(studies, used, strict=True):
-        axis = study.review.axis
-        unreviewed = sorted(set(range(study.labels.shape[axis])) - set(study.review.reviewed))
+        unreviewed = sorted(set(range(study.review.num_slices)) - set(study.review.reviewed))
         if not unreviewed:
             continue
         predicted, source = study.predicted, "the study's prediction"
@@ -352,13 +350,10 @@ def _anchor_cases(
             predictor = Predictor(bundle.model, bundle.card, PredictionSettings(device=settings.device))
             predicted, source = predictor.predict(study.image, study.spacing).labels, "predicted by the parent"
         record |= {"anchor_slices": len(unreviewed), "anchor_labels": source}
-        name = f"{study.name} (unreviewed, parent's prediction)"
-        if slice_wise and slice_axis_for(study.spacing) == axis:
-            image, labels = np.take(study.image, unreviewed, axis=axis + 1), np.take(predicted, unreviewed, axis=axis)
-            cases.append(TrainingCase(image, labels, None, study.spacing, name))
-        else:
-            unreviewed_voxels = ~study.review.trusted_mask(study.labels.shape)
-            cases.append(TrainingCase(study.image, predicted, unreviewed_voxels, study.spacing, name))
+        rehearsal = dataclasses.replace(
+            study, labels=predicted, name=f"{study.name} (unreviewed, parent's prediction)", predicted=None
+        )
+        cases.append(_case_of_slices(rehearsal, unreviewed, cropped=_cropped(study, slice_wise)))
     return cases
 
 
@@ -379,7 +374,7 @@ def _voxel_weights(
         if changed is None:
             weights.append(None)
             continue
-        if slice_wise and slice_axis_for(study.spacing) == study.review.axis:  # the case holds its slices only
+        if _cropped(study, slice_wise):  # the case holds its slices only
             changed = np.take(changed, train, axis=study.review.axis)
         weights.append(np.where(changed, np.float32(settings.changed_weight), np.float32(1.0)))
     return weights
@@ -442,6 +437,11 @@ def _model_extent(case: TrainingCase, spatial_dims: int) -> tuple[int, ...]:
         axis = slice_axis_for(case.spacing)
         return tuple(size for a, size in enumerate(shape) if a != axis)
     return tuple(shape)
+
+
+def _cropped(study: CorrectedStudy, slice_wise: bool) -> bool:
+    """Whether a case of ``study``'s slices holds those slices alone: a 2D model that slices along the review axis."""
+    return slice_wise and slice_axis_for(study.spacing) == study.review.axis
 
 
 def _case_of_slices(study: CorrectedStudy, slices: list[int], *, cropped: bool) -> TrainingCase:

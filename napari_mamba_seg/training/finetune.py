@@ -46,13 +46,7 @@ from napari_mamba_seg.models import get_model_entry
 from napari_mamba_seg.training.augmentation import AugmentationConfig
 from napari_mamba_seg.training.cases import TrainingCase
 from napari_mamba_seg.training.evaluation import MEAN_DICE
-from napari_mamba_seg.training.trainer import (
-    DEFAULT_PATCH_2D,
-    DEFAULT_PATCH_3D,
-    Trainer,
-    TrainingConfig,
-    TrainingProgress,
-)
+from napari_mamba_seg.training.trainer import Trainer, TrainingConfig, TrainingProgress, card_patch_size
 
 __all__ = [
     "CorrectedStudy",
@@ -422,7 +416,7 @@ def _patch_size(card: ModelCard, cases: Sequence[TrainingCase]) -> tuple[int, ..
     if card.resample:
         return None
     spatial_dims = get_model_entry(card.architecture).spatial_dims
-    patch = card.patch_size or (DEFAULT_PATCH_2D if spatial_dims == 2 else DEFAULT_PATCH_3D)
+    patch = card_patch_size(card, spatial_dims)
     extents = [_model_extent(case, spatial_dims) for case in cases]
     if any(len(extent) != len(patch) for extent in extents):
         return None  # the trainer explains the mismatch

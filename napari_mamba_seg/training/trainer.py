@@ -98,6 +98,7 @@ __all__ = [
     "TrainingProgress",
     "TrainingResult",
     "WarmupCosineSchedule",
+    "card_patch_size",
     "cpu_training_flags",
 ]
 
@@ -874,10 +875,15 @@ def _check_model(model: nn.Module) -> None:
         ) from None
 
 
+def card_patch_size(card: ModelCard | None, spatial_dims: int) -> tuple[int, ...]:
+    """The card's patch size, or the default for a ``spatial_dims``-D model when the card has none."""
+    if card is not None and card.patch_size:
+        return tuple(card.patch_size)
+    return DEFAULT_PATCH_2D if spatial_dims == 2 else DEFAULT_PATCH_3D
+
+
 def _patch_size(config: TrainingConfig, card: ModelCard | None, spatial_dims: int) -> tuple[int, ...]:
-    patch = config.patch_size or (tuple(card.patch_size) if card is not None and card.patch_size else None)
-    if patch is None:
-        patch = DEFAULT_PATCH_2D if spatial_dims == 2 else DEFAULT_PATCH_3D
+    patch = config.patch_size or card_patch_size(card, spatial_dims)
     if len(patch) != spatial_dims:
         raise ValueError(f"patch_size {tuple(patch)} must have {spatial_dims} values for a {spatial_dims}D model")
     return tuple(int(p) for p in patch)

@@ -205,6 +205,11 @@ def main() -> None:
         action=argparse.BooleanOptionalAction,
         help="rehearse the parent's prediction on unreviewed slices (default: FineTuneSettings')",
     )
+    parser.add_argument(
+        "--defer-to-corrections",
+        action=argparse.BooleanOptionalAction,
+        help="the anchor leaves out where the corrections showed the parent wrong (default: FineTuneSettings')",
+    )
     parser.add_argument("--no-augmentation", action="store_true")
     parser.add_argument("--holdout-every", type=int, help="default: FineTuneSettings'")
     parser.add_argument("--seed", type=int, help="default: FineTuneSettings'")
@@ -231,6 +236,7 @@ def main() -> None:
         "seed": args.seed,
         "freeze_encoder": args.freeze_encoder or None,
         "anchor": args.anchor,
+        "defer_to_corrections": args.defer_to_corrections,
         "augment": False if args.no_augmentation else None,
     }
     base = FineTuneSettings(device="cpu", **{key: value for key, value in given.items() if value is not None})

@@ -36,7 +36,7 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
     parser.add_argument("--axis", default="auto", help="slice axis of --reviewed indices: auto (coarsest) or 0-2")
     parser.add_argument("--output", "-o", required=True, metavar="OUTDIR", help="the new bundle folder")
     parser.add_argument("--predicted", nargs="+", metavar="PREDICTION", help="the model's prediction, one per study")
-    parser.add_argument("--steps", type=int, default=80, help="optimizer steps (default: 80)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
     parser.add_argument(
         "--epochs", type=int, help="train this many epochs instead of --steps (an epoch: one patch per training slice)"
     )
@@ -54,6 +54,14 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
         default=True,
         help="half of the patches rehearse the model's own prediction on the unreviewed slices (--predicted, else "
         "predicted here), so the corrections do not shift the whole study (default: on)",
+    )
+    parser.add_argument(
+        "--defer-to-corrections",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the anchor leaves out where the training slices' corrections showed the model wrong: the positions "
+        "they corrected on the slices near them, farther away a foreground they removed that the model repeats "
+        "(default: on)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
@@ -85,6 +93,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             changed_weight=args.changed_weight,
             freeze_encoder=args.freeze_encoder,
             anchor=args.anchor,
+            defer_to_corrections=args.defer_to_corrections,
         )
         outcome = finetune(args.model, studies, settings, progress=None if args.quiet else _print_step)
         folder = write_bundle(outcome, output)

@@ -4,6 +4,7 @@ architecture; epochs instead of steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -228,6 +229,7 @@ def test_the_cli_takes_the_new_options(parent, tmp_path) -> None:
     files = ["--images", str(tmp_path / "image.nii"), "--labels", str(tmp_path / "labels.nii")]
     base = ["finetune", "--model", str(parent), *files, "--reviewed", "1,2,4", "--device", "cpu", "-q"]
     options = ["--predicted", str(tmp_path / "predicted.nii"), "--changed-weight", "3", "--freeze-encoder", "--anchor"]
+    options += ["--no-defer-to-corrections"]
     assert cli.main([*base, *options, "--epochs", "2", "-o", str(tmp_path / "tuned")]) == 0
     record = json.loads((tmp_path / "tuned" / "provenance.json").read_text())
     settings = record["settings"]
@@ -235,6 +237,7 @@ def test_the_cli_takes_the_new_options(parent, tmp_path) -> None:
         3.0, True, 2, True,
     )  # fmt: skip
     assert record["studies"][0]["anchor_labels"] == "the study's prediction"
+    assert not settings["defer_to_corrections"] and record["studies"][0]["anchor_deferred_voxels"] == 0
     assert settings["steps_run"] == 2 and record["studies"][0]["changed_train_voxels"] == 100
     assert cli.main([*base, "--changed-weight", "3", "-o", str(tmp_path / "other")]) == 2  # no --predicted
     assert not (tmp_path / "other").exists()
@@ -255,6 +258,7 @@ def test_the_cli_defaults_are_the_library_defaults() -> None:
     assert (args.epochs, args.changed_weight, args.freeze_encoder, args.anchor, not args.no_augmentation) == (
         defaults.epochs, defaults.changed_weight, defaults.freeze_encoder, defaults.anchor, defaults.augment,
     )  # fmt: skip
+    assert args.defer_to_corrections == defaults.defer_to_corrections
 
 
 # ------------------------------------------------------------------------------------------------------ anchor
@@ -289,10 +293,41 @@ def test_the_anchor_rehearses_the_parents_prediction_on_unreviewed_slices(parent
 
 def test_the_anchor_across_slices_trusts_exactly_the_unreviewed_voxels(parent) -> None:
     """Reviewed along another axis than the model slices: the anchor case is the whole study, trusted where
-    unreviewed; the reviewed slices' anchor labels (the prediction there) must not count."""
-    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
+    unreviewed; the reviewed slices' anchor labels (the prediction there) must not count. (Deferring off: a changed
+    prediction on a training slice moves what the anchor defers to, tested below.)"""
+    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True, defer_to_corrections=False)
     first, second = _study((11, 14, 17), axis=1), _study((11, 14, 17), axis=1)
     second.predicted[:, 11] = 1 - second.predicted[:, 11]  # differs on a reviewed slice only
+    assert _same_weights(finetune(parent, [first], anchored).model, finetune(parent, [second], anchored).model)
+
+
+@pytest.mark.parametrize("axis", [0, 1])  # the anchor case cropped to its slices, or the whole study with a mask
+def test_where_the_anchor_defers_its_labels_count_for_nothing(parent, axis) -> None:
+    """The prediction misses the lesion's right half on every slice; the training slices' corrections add it. On the
+    unreviewed slices near them the anchor leaves those columns out: other anchor labels there change no weight,
+    and without deferring they do."""
+    reviewed = (1, 2, 4) if axis == 0 else (11, 14, 17)
+    deferring = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
+    first, second = _study(reviewed, axis=axis), _study(reviewed, axis=axis)
+    columns = np.zeros(SHAPE, bool)
+    columns[:, 9:21, 15:24] = True  # the corrected columns (10:20, 17:22) grown by 1 of the 3 margin pixels
+    unreviewed = ~ReviewState(axis, SHAPE[axis], set(reviewed)).trusted_mask(SHAPE)
+    noise = np.random.default_rng(3).integers(0, 2, SHAPE).astype(np.uint8)
+    second.predicted[columns & unreviewed] = noise[columns & unreviewed]
+    tuned = finetune(parent, [first], deferring)
+    assert tuned.provenance["studies"][0]["anchor_deferred_voxels"] > (columns & unreviewed).sum()
+    assert _same_weights(tuned.model, finetune(parent, [second], deferring).model)
+
+    plain = dataclasses.replace(deferring, defer_to_corrections=False)
+    assert finetune(parent, [first], plain).provenance["studies"][0]["anchor_deferred_voxels"] == 0
+    assert not _same_weights(finetune(parent, [first], plain).model, finetune(parent, [second], plain).model)
+
+
+def test_the_held_out_slices_correction_does_not_move_the_anchor(parent) -> None:
+    """The held-out slice judges the fine-tune: what the clinician changed there must not shape the training."""
+    anchored = FineTuneSettings(steps=3, device="cpu", augment=False, anchor=True)
+    first, second = _study((11, 14, 17), axis=1), _study((11, 14, 17), axis=1)
+    second.predicted[:, 14] = 1 - second.predicted[:, 14]  # 14: the held-out slice
     assert _same_weights(finetune(parent, [first], anchored).model, finetune(parent, [second], anchored).model)
 
 

@@ -109,7 +109,8 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _print_step(update: Any) -> None:
-    if update.stage == "train" and update.loss is not None:
+    """The loss of every step and each held-out score."""
+    if (update.stage == "train" and update.loss is not None) or (update.stage == "validate" and update.metrics):
         print(update.message, flush=True)
 
 

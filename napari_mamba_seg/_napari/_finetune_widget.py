@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 HOLDOUT_EVERY = FineTuneSettings().holdout_every
 ROLE_KEY = Qt.ItemDataRole.UserRole
 LOSS_COLOUR = QColor(86, 180, 233)
+DICE_COLOUR = QColor(230, 159, 0)
 
 
 # ------------------------------------------------------------------------------------------- the jobs (no Qt)
@@ -198,18 +199,25 @@ def write_unreviewed(labels: np.ndarray, prediction: np.ndarray, review: ReviewS
 
 
 class LossPlot(QWidget):
-    """A small live plot of the loss per step (a polyline; the newest loss and the range as text)."""
+    """A small live plot of the training loss per step (a polyline, scaled to its range) and the held-out Dice (dots
+    joined by a line, on a fixed 0-1 scale; step 0 is the model before the fine-tune), with the newest values as text.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.points: list[tuple[int, float]] = []
+        self.dice_points: list[tuple[int, float]] = []
+        self.total_steps = 0
         self.setMinimumHeight(90)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.setToolTip("training loss per step (lower is better)")
+        self.setToolTip(
+            "blue: training loss per step (lower is better, scaled to its range); orange: Dice on the held-out "
+            "reviewed slices (0 at the bottom, 1 at the top; step 0: the model before fine-tuning)"
+        )
 
-    def clear(self) -> None:
-        """Forget every point."""
-        self.points = []
+    def clear(self, total_steps: int = 0) -> None:
+        """Forget every point; ``total_steps`` (when known) fixes the width of the step axis."""
+        self.points, self.dice_points, self.total_steps = [], [], int(total_steps)
         self.update()
 
     def add(self, step: int, loss: float) -> None:
@@ -217,8 +225,13 @@ class LossPlot(QWidget):
         self.points.append((int(step), float(loss)))
         self.update()
 
+    def add_dice(self, step: int, dice: float) -> None:
+        """Add a held-out Dice (non-finite ones are left out of the drawing)."""
+        self.dice_points.append((int(step), float(dice)))
+        self.update()
+
     def paintEvent(self, event: Any) -> None:
-        """Draw the frame, the polyline and the labels."""
+        """Draw the frame, both curves and the captions."""
         painter = QPainter(self)
         try:
             painter.setRenderHint(QPainter.RenderHint.Antialiasing)
@@ -227,15 +240,25 @@ class LossPlot(QWidget):
             painter.drawRect(frame)
             painter.setPen(QPen(self.palette().text().color()))
             painter.drawText(QPointF(6, 12), self._caption())
-            polyline = self._polyline(frame)
-            if len(polyline) >= 2:
-                painter.setPen(QPen(LOSS_COLOUR, 2))
-                painter.drawPolyline(QPolygonF(polyline))
-            elif polyline:
-                painter.setPen(QPen(LOSS_COLOUR, 4))
-                painter.drawPoint(polyline[0])
+            if self.dice_points:
+                painter.setPen(QPen(DICE_COLOUR))
+                caption = f"held-out Dice {self.dice_points[-1][1]:.3f}"
+                width = painter.fontMetrics().horizontalAdvance(caption)
+                painter.drawText(QPointF(self.width() - 6 - width, 12), caption)
+            self._draw(painter, self._polyline(frame), LOSS_COLOUR, dots=False)
+            self._draw(painter, self._dice_polyline(frame), DICE_COLOUR, dots=True)
         finally:
             painter.end()
+
+    @staticmethod
+    def _draw(painter: QPainter, polyline: list[QPointF], colour: QColor, *, dots: bool) -> None:
+        if len(polyline) >= 2:
+            painter.setPen(QPen(colour, 2))
+            painter.drawPolyline(QPolygonF(polyline))
+        if dots or len(polyline) == 1:
+            painter.setPen(QPen(colour, 6))
+            for point in polyline:
+                painter.drawPoint(point)
 
     def _caption(self) -> str:
         if not self.points:
@@ -245,20 +268,29 @@ class LossPlot(QWidget):
         span = f" (range {min(finite):.3g}–{max(finite):.3g})" if finite else ""
         return f"loss at step {step}: {last:.4g}{span}"
 
+    def _x(self, frame: QRectF, step: int) -> float:
+        """The position of ``step`` on the step axis (0 to the total, or to the last step seen)."""
+        last = max([self.total_steps] + [s for s, _ in self.points] + [s for s, _ in self.dice_points])
+        return frame.left() + 2 + (frame.width() - 4) * step / max(last, 1)
+
     def _polyline(self, frame: QRectF) -> list[QPointF]:
         finite = [loss for _, loss in self.points if math.isfinite(loss)]
         if not self.points:
             return []
         low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-        first, last = self.points[0][0], self.points[-1][0]
-        x_span, y_span = max(last - first, 1), max(high - low, 1e-12)
+        y_span = max(high - low, 1e-12)
         polyline = []
         for step, loss in self.points:
             height = (loss - low) / y_span if math.isfinite(loss) else 1.0
-            x = frame.left() + 2 + (frame.width() - 4) * (step - first) / x_span
-            y = frame.bottom() - 2 - (frame.height() - 4) * height
-            polyline.append(QPointF(x, y))
+            polyline.append(QPointF(self._x(frame, step), frame.bottom() - 2 - (frame.height() - 4) * height))
         return polyline
+
+    def _dice_polyline(self, frame: QRectF) -> list[QPointF]:
+        return [
+            QPointF(self._x(frame, step), frame.bottom() - 2 - (frame.height() - 4) * min(max(dice, 0.0), 1.0))
+            for step, dice in self.dice_points
+            if math.isfinite(dice)
+        ]
 
 
 # --------------------------------------------------------------------------------------------------- widget
@@ -511,7 +543,7 @@ class FineTuneWidget(QWidget):
             return
         self._cancel.clear()
         self.last_version, self.last_targets = None, targets
-        self.loss_plot.clear()
+        self.loss_plot.clear(settings.steps)  # the form sets steps, not epochs
         self.dice_label.setText("held-out Dice: scoring the current model…")
         self._set_running(True, f"fine-tuning {Path(model).name} on {len(studies)} study(ies)…")
         self.worker = start_job(
@@ -536,7 +568,10 @@ class FineTuneWidget(QWidget):
         if update.stage == "train" and update.loss is not None:
             self.loss_plot.add(update.step, update.loss)
         if update.stage == "validate" and "mean_dice" in update.metrics:
-            self.dice_label.setText(f"held-out Dice after fine-tuning: {update.metrics['mean_dice']:.3f}")
+            dice = update.metrics["mean_dice"]
+            self.loss_plot.add_dice(update.step, dice)
+            when = "before fine-tuning" if update.step == 0 else f"at step {update.step}/{update.total_steps}"
+            self.dice_label.setText(f"held-out Dice {when}: {dice:.3f}")
         self._say(update.message or update.stage)
 
     def _finish_run(self, run: FineTuneRun) -> None:

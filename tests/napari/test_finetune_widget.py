@@ -104,10 +104,10 @@ def _status(widget) -> str:
     return html.unescape(widget.status.text())
 
 
-def _line_pixels(widget) -> int:
-    """How many pixels of the loss plot have the colour of the loss line."""
+def _line_pixels(widget, colour=None) -> int:
+    """How many pixels of the plot have the colour of the loss line (or ``colour``)."""
     image = widget.grab().toImage()
-    colour = _finetune_widget.LOSS_COLOUR
+    colour = colour or _finetune_widget.LOSS_COLOUR
     found = 0
     for x in range(image.width()):
         for y in range(image.height()):
@@ -157,6 +157,8 @@ def test_segment_correct_review_finetune_then_resegment_unreviewed_slices(
     assert all(np.isfinite(loss) for _step, loss in widget.loss_plot.points)
     assert _line_pixels(widget.loss_plot) > 20  # the polyline is drawn
     before, after = provenance["holdout_mean_dice_before"], provenance["holdout_mean_dice_after"]
+    assert widget.loss_plot.dice_points == [(0, before), (3, after)]  # the parent's score, then after the last step
+    assert _line_pixels(widget.loss_plot, _finetune_widget.DICE_COLOUR) > 20
     assert f"before {before:.3f} → after {after:.3f}" in widget.dice_label.text()
     assert provenance["reason"] in _status(widget) and "tiny-ft1" in _status(widget)
     assert widget.progress.value() == 100 and widget.resegment_button.isEnabled()

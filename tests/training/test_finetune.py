@@ -3,6 +3,7 @@ overwritten, cancelling saves nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -67,6 +68,23 @@ def test_unreviewed_voxels_do_not_change_the_fine_tuned_weights(parent, axis) ->
         not torch.equal(a, b)
         for a, b in zip(first.model.state_dict().values(), third.model.state_dict().values(), strict=True)
     )
+
+
+def test_the_held_out_score_is_reported_during_the_run_and_does_not_change_the_model(parent) -> None:
+    """Step 0 is the parent's score, then every ``validate_every`` steps and after the last (the safety net's)."""
+    reports = []
+    settings = dataclasses.replace(SETTINGS, steps=5, validate_every=2)
+    scored = finetune(parent, [_study()], settings, progress=reports.append)
+    dice = [(r.step, r.metrics["mean_dice"]) for r in reports if r.stage == "validate" and r.metrics]
+    assert [step for step, _ in dice] == [0, 2, 4, 5]
+    assert dice[0][1] == scored.before and dice[-1][1] == scored.after
+    assert len({value for _, value in dice}) > 1  # the scores follow the training
+    quiet = finetune(parent, [_study()], dataclasses.replace(settings, validate_every=0))
+    same = zip(scored.model.state_dict().values(), quiet.model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in same) and quiet.after == scored.after
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="validate_every"):
+            FineTuneSettings(validate_every=bad)
 
 
 def test_outcome_card_and_provenance(parent) -> None:

@@ -29,11 +29,13 @@ from qtpy.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
     QFormLayout,
+    QFrame,
     QGroupBox,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QSpinBox,
     QVBoxLayout,
@@ -374,7 +376,8 @@ class FineTuneWidget(QWidget):
         form.addRow("", self.freeze_encoder)
         form.addRow("", self.anchor)
         form.addRow("Device", self.device_box)
-        layout = QVBoxLayout(self)
+        content = QWidget()  # in a scroll area: the form is taller than a dock on a small screen
+        layout = QVBoxLayout(content)
         layout.addLayout(choice)
         layout.addWidget(self.summary)  # outside the form: a wrapped label in a form row can overlap the row above
         layout.addLayout(form)
@@ -385,6 +388,21 @@ class FineTuneWidget(QWidget):
         layout.addWidget(self.resegment_button)
         layout.addWidget(self._build_versions())
         layout.addStretch(1)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QFrame.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll.setWidget(content)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
+
+    def showEvent(self, event: Any) -> None:
+        """Scroll down, never sideways: the scroll area is as wide as its content (measured once styled, on show)."""
+        super().showEvent(event)
+        content = self.scroll.widget()
+        scroll_bar = self.scroll.verticalScrollBar().sizeHint().width()
+        self.scroll.setMinimumWidth(content.minimumSizeHint().width() + scroll_bar + 2 * self.scroll.frameWidth())
 
     def _build_versions(self) -> QGroupBox:
         box = QGroupBox("Versions")

@@ -288,3 +288,23 @@ def test_changed_voxels_weighted_and_encoder_frozen_from_the_form(
     child_parameters = dict(child.named_parameters())
     assert encoder and all(torch.equal(p, child_parameters[n]) for n, p in parent.named_parameters() if n in encoder)
     assert any(not torch.equal(p, child_parameters[n]) for n, p in parent.named_parameters() if n not in encoder)
+
+
+def test_the_form_scrolls_in_a_short_dock_instead_of_squeezing(make_napari_viewer, qtbot) -> None:
+    """The form is about 800 px tall; in a 300 px dock it scrolls, every part at its own height, none overlapping."""
+    viewer = make_napari_viewer()
+    widget = _open(viewer, steps=3)
+    widget.setParent(None)  # out of the dock, to set its height
+    widget.resize(420, 300)
+    widget.show()
+    qtbot.waitExposed(widget)
+    content = widget.scroll.widget()
+    assert widget.minimumSizeHint().height() < 300
+    assert content.height() >= content.minimumSizeHint().height() > 300  # not squeezed: taller than the view
+    assert widget.scroll.verticalScrollBar().maximum() > 0
+    assert widget.scroll.viewport().width() >= content.minimumSizeHint().width()  # nothing cut off at the side
+    parts = [widget.layer_list, widget.summary, widget.steps, widget.controls, widget.loss_plot, widget.versions_list]
+    tops = [part.mapTo(content, part.rect().topLeft()).y() for part in parts]
+    bottoms = [top + part.height() for top, part in zip(tops, parts, strict=True)]
+    assert all(bottom <= next_top for bottom, next_top in zip(bottoms, tops[1:], strict=False))
+    widget.close()

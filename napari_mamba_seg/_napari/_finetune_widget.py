@@ -270,28 +270,24 @@ class LossPlot(QWidget):
         span = f" (range {min(finite):.3g}–{max(finite):.3g})" if finite else ""
         return f"loss at step {step}: {last:.4g}{span}"
 
-    def _x(self, frame: QRectF, step: int) -> float:
-        """The position of ``step`` on the step axis (0 to the total, or to the last step seen)."""
-        last = max([self.total_steps] + [s for s, _ in self.points] + [s for s, _ in self.dice_points])
-        return frame.left() + 2 + (frame.width() - 4) * step / max(last, 1)
-
     def _polyline(self, frame: QRectF) -> list[QPointF]:
         finite = [loss for _, loss in self.points if math.isfinite(loss)]
-        if not self.points:
-            return []
         low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
         y_span = max(high - low, 1e-12)
-        polyline = []
-        for step, loss in self.points:
-            height = (loss - low) / y_span if math.isfinite(loss) else 1.0
-            polyline.append(QPointF(self._x(frame, step), frame.bottom() - 2 - (frame.height() - 4) * height))
-        return polyline
+        heights = [((loss - low) / y_span if math.isfinite(loss) else 1.0) for _, loss in self.points]
+        return self._placed(frame, [step for step, _ in self.points], heights)
 
     def _dice_polyline(self, frame: QRectF) -> list[QPointF]:
+        finite = [(step, dice) for step, dice in self.dice_points if math.isfinite(dice)]
+        return self._placed(frame, [step for step, _ in finite], [min(max(dice, 0.0), 1.0) for _, dice in finite])
+
+    def _placed(self, frame: QRectF, steps: list[int], heights: list[float]) -> list[QPointF]:
+        """Points in ``frame``: the step axis from 0 to the total (or the last step seen), heights from 0 to 1."""
+        last = max([self.total_steps] + [s for s, _ in self.points] + [s for s, _ in self.dice_points])
+        x_scale, y_scale = (frame.width() - 4) / max(last, 1), frame.height() - 4
         return [
-            QPointF(self._x(frame, step), frame.bottom() - 2 - (frame.height() - 4) * min(max(dice, 0.0), 1.0))
-            for step, dice in self.dice_points
-            if math.isfinite(dice)
+            QPointF(frame.left() + 2 + x_scale * step, frame.bottom() - 2 - y_scale * height)
+            for step, height in zip(steps, heights, strict=True)
         ]
 
 

@@ -69,8 +69,9 @@ def deferred_to_corrections(
     deferred = np.zeros(labels_.shape, bool)
     if not len(train_slices):
         return np.moveaxis(deferred, 0, axis)
-    changed = {t: _grown(labels_[t] != predicted_[t], margin) for t in train_slices}
-    removed = {t: _grown((labels_[t] != predicted_[t]) & (predicted_[t] != 0), margin) for t in train_slices}
+    corrected = {t: labels_[t] != predicted_[t] for t in train_slices}
+    changed = {t: _grown(corrected[t], margin) for t in train_slices}
+    removed = {t: _grown(corrected[t] & (predicted_[t] != 0), margin) for t in train_slices}
     for s in unreviewed:
         distance = min(abs(t - s) for t in train_slices)
         for t in (t for t in train_slices if abs(t - s) == distance):

@@ -319,8 +319,9 @@ def test_where_the_anchor_defers_its_labels_count_for_nothing(parent, axis) -> N
     assert _same_weights(tuned.model, finetune(parent, [second], deferring).model)
 
     plain = dataclasses.replace(deferring, defer_to_corrections=False)
-    assert finetune(parent, [first], plain).provenance["studies"][0]["anchor_deferred_voxels"] == 0
-    assert not _same_weights(finetune(parent, [first], plain).model, finetune(parent, [second], plain).model)
+    undeferred = finetune(parent, [first], plain)
+    assert undeferred.provenance["studies"][0]["anchor_deferred_voxels"] == 0
+    assert not _same_weights(undeferred.model, finetune(parent, [second], plain).model)
 
 
 def test_the_held_out_slices_correction_does_not_move_the_anchor(parent) -> None:

@@ -54,7 +54,16 @@ DEFAULT_CHECKPOINT_EVERY = 250
 DEFAULT_CACHE_CASES = 8
 """Prepared cases each process keeps in memory (the data set streams from disk; --cache-cases)."""
 # Options that only shape a new run: --resume continues the saved run with its own.
-NEW_RUN_OPTIONS = ("arch", "from_bundle", "patch_size", "normalization", "seed", "val_fraction", "val_cases")
+NEW_RUN_OPTIONS = (
+    "arch",
+    "from_bundle",
+    "patch_size",
+    "normalization",
+    "seed",
+    "val_fraction",
+    "val_cases",
+    "ema_decay",
+)
 # Options --resume may change (TrainingConfig field names).
 RESUMABLE_OPTIONS = {
     "steps": "steps",
@@ -114,6 +123,13 @@ def add_train_parser(subcommands: argparse._SubParsersAction) -> None:
         "or 64 128 128)",
     )
     train.add_argument("--lr", type=float, help=f"peak learning rate of AdamW (default: {DEFAULT_LR:g})")
+    train.add_argument(
+        "--ema-decay",
+        type=float,
+        metavar="DECAY",
+        help="validate and save a moving average of the weights with this decay, e.g. 0.999 (default: none, the "
+        "last step's weights)",
+    )
     split = train.add_mutually_exclusive_group()
     split.add_argument(
         "--val-fraction",
@@ -435,6 +451,7 @@ def _new_trainer(
         seed=_or_default(args.seed, 0),
         device=_or_default(args.device, "auto"),
         cache_size=_or_default(args.cache_cases, DEFAULT_CACHE_CASES),
+        ema_decay=args.ema_decay,
     )
     if args.from_bundle is not None:
         _check_bundle_fits(args.from_bundle, dataset)

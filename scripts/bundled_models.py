@@ -18,7 +18,9 @@ expect the metrics to move in the second decimal)::
 
 ``train`` writes ``<out>/best`` (the bundle of the best validation step), ``<out>/last`` and ``<out>/summary.json``
 (recipe, split, best and final validation metrics, steps per second). Nothing is overwritten without
-``--overwrite``. The recipes are plain :class:`Recipe` values: read them below.
+``--overwrite``. The recipes are plain :class:`Recipe` values: read them below. ``train --set FIELD=VALUE`` runs a
+variant (e.g. ``--set ema_decay=0.999``), and ``publish --bundle last`` publishes the end of a run instead of its
+best validation step (a choice made on the split that then reports the Dice).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Recipe:
         lr: Peak learning rate.
         seed: Seed of the split, the patches, the augmentation and the phantoms.
         val_every: Validate every this many steps.
+        ema_decay: Validate and save a moving average of the weights with this decay (``TrainingConfig.ema_decay``);
+            None = the weights of each step.
         phantoms_train: Phantoms to train on (``data="phantoms"``).
         phantoms_val: Held-back phantoms (validation and the card's phantom metrics).
         modality: The card's modality.
@@ -76,6 +80,7 @@ class Recipe:
     lr: float = 1e-3
     seed: int = 0
     val_every: int = 500
+    ema_decay: float | None = None
     phantoms_train: int = 0
     phantoms_val: int = 0
     modality: str = ""
@@ -224,6 +229,28 @@ def recipe_cases(recipe: Recipe, data: str | None, workers: int) -> tuple[list[A
 # ------------------------------------------------------------------------------------------------------------ train
 
 
+def recipe_with(recipe: Recipe, assignments: Sequence[str]) -> Recipe:
+    """``recipe`` with fields changed by ``FIELD=VALUE`` strings (values in JSON: ``ema_decay=0.999``,
+    ``lr=3e-4``, ``patch_size=[160,160]``), to try a variant without editing the recipes; the run's summary records
+    the recipe as run.
+
+    Raises:
+        SystemExit: An assignment without ``=``, an unknown field or a value that is not JSON.
+    """
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        name, equals, text = assignment.partition("=")
+        if not equals or name not in fields:
+            raise SystemExit(f"error: --set {assignment!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"error: --set {assignment!r}: the value is not JSON ({error}); e.g. lr=3e-4") from error
+        changes[name] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(recipe, **changes)
+
+
 def train(
     recipe: Recipe,
     train_cases: list[Any],
@@ -263,6 +290,7 @@ def train(
         warmup_steps=min(100, recipe.steps // 10),
         val_every=recipe.val_every,
         checkpoint_every=recipe.val_every,
+        ema_decay=recipe.ema_decay,
         seed=recipe.seed,
         device=device,
         num_workers=workers,
@@ -381,22 +409,34 @@ def publish(
     real: Path | None = None,
     target_root: Path = REPO / "weights",
     overwrite: bool = False,
+    which: str = "best",
 ) -> Path:
-    """Copy ``run/best`` into ``weights/<name>`` with the card's metrics completed from the run summaries."""
+    """Copy ``run/best`` (or ``run/last`` with ``which="last"``) into ``weights/<name>`` with the card's metrics
+    completed from the run summaries.
+
+    ``best`` is the step with the best validation Dice, chosen on the split that then reports it (optimistic);
+    ``last`` is the end of the run, chosen by nothing (with a moving average of the weights, the recipe's
+    ``ema_decay``, the end of the run is a sound choice). The baseline's metrics are taken the same way.
+    """
     from napari_mamba_seg.bundles import load_bundle, save_bundle
 
+    if which not in ("best", "last"):
+        raise SystemExit(f"error: which must be 'best' or 'last', not {which!r}")
     summary = json.loads((run / "summary.json").read_text())
-    bundle = load_bundle(run / "best")
-    metrics = {f"val_{k}" if k != "step" else "best_step": v for k, v in bundle.card.metrics.items()}
+    bundle = load_bundle(run / which)
+    chosen = _validated_metrics(summary, which)
+    metrics = {f"val_{k}" if k != "step" else f"{which}_step": v for k, v in chosen.items()}
     metrics["val_cases"] = len(summary["val_cases"])
-    last = [entry for entry in summary["history"] if "mean_dice" in entry][-1]
-    metrics["last_step_val_mean_dice"] = last["mean_dice"]  # the best step is chosen on the same split: optimistic
+    metrics["last_step_val_mean_dice"] = _validated_metrics(summary, "last")["mean_dice"]
+    metrics["best_step_val_mean_dice"] = _validated_metrics(summary, "best")["mean_dice"]
     if baseline is not None:
         base = json.loads((baseline / "summary.json").read_text())
         if base["val_cases"] != summary["val_cases"] or base["recipe"]["steps"] != summary["recipe"]["steps"]:
             raise SystemExit("error: the baseline run has another validation split or budget")
         metrics |= {
-            f"baseline_{base['recipe']['arch']}_val_{k}": v for k, v in base["best_metrics"].items() if k != "step"
+            f"baseline_{base['recipe']['arch']}_val_{k}": v
+            for k, v in _validated_metrics(base, which).items()
+            if k != "step"
         }
     if real is not None:
         metrics |= json.loads(real.read_text())
@@ -407,6 +447,14 @@ def publish(
     )
     save_bundle(bundle.model, target_root / name, card, overwrite=overwrite)
     return target_root / name
+
+
+def _validated_metrics(summary: dict[str, Any], which: str) -> dict[str, float]:
+    """The validation metrics (with ``step``) of a run summary's best step or of its last validation."""
+    if which == "best":
+        return dict(summary["best_metrics"])
+    last = [entry for entry in summary["history"] if "mean_dice" in entry][-1]
+    return {k: v for k, v in last.items() if k == "step" or k == "mean_dice" or k.startswith("dice_")}
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -420,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--data", help="the ibsi_sarcoma_mr folder (mr-tumour recipes)")
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--steps", type=int, help="override the recipe's steps (for a quick check)")
+    t.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="change a recipe field (JSON value)"
+    )
     t.add_argument("--device", default="auto")
     t.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1) - 1, help="data-loading processes")
     t.add_argument("--overwrite", action="store_true")
@@ -434,11 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--baseline", type=Path)
     p.add_argument("--real", type=Path)
+    p.add_argument("--bundle", choices=("best", "last"), default="best", help="the run's best step or its end")
     p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command == "train":
-        recipe = RECIPES[args.recipe]
+        recipe = recipe_with(RECIPES[args.recipe], args.set)
         if args.steps:
             recipe = dataclasses.replace(recipe, steps=args.steps, val_every=min(recipe.val_every, args.steps))
         workers = max(0, args.workers)
@@ -460,7 +512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tumour = read_image(args.data / "tumour_pe70_mask.nii.gz").array[0] > 0
             print(overlay_picture(image, labels, voi, tumour, args.picture))
     else:
-        print(publish(args.name, args.run, baseline=args.baseline, real=args.real, overwrite=args.overwrite))
+        print(
+            publish(
+                args.name, args.run, baseline=args.baseline, real=args.real, overwrite=args.overwrite, which=args.bundle
+            )
+        )
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from napari_mamba_seg.bundles import list_bundled, load_bundle, read_card
 from napari_mamba_seg.data import make_phantom
@@ -137,6 +138,35 @@ def test_train_then_publish_completes_the_card(recipes, tmp_path) -> None:
     assert "phantom_10000" in card.training_data
     with pytest.raises(FileExistsError):
         recipes.publish("breast-dce", tmp_path / "run", target_root=weights)
+
+
+def test_a_variant_with_a_moving_average_publishes_its_last_step(recipes, tmp_path) -> None:
+    base = recipes.RECIPES["mr-tumour"]
+    variant = recipes.recipe_with(base, ["ema_decay=0.999", "lr=3e-4", "patch_size=[160, 160]"])
+    assert (variant.ema_decay, variant.lr, variant.patch_size) == (0.999, 3e-4, (160, 160))
+    assert dataclasses.replace(variant, ema_decay=None, lr=base.lr, patch_size=base.patch_size) == base
+    for bad, message in (("ema=0.9", "FIELD one of"), ("lr", "FIELD=VALUE"), ("lr=fast", "not JSON")):
+        with pytest.raises(SystemExit, match=message):
+            recipes.recipe_with(base, [bad])
+
+    recipe, train, val = _tiny(recipes, ema_decay=0.9)
+    recipe = dataclasses.replace(recipe, steps=3, val_every=1)
+    summary = recipes.train(recipe, train, val, tmp_path / "model", device="cpu", quiet=True)
+    base_summary = recipes.train(recipe, train, val, tmp_path / "baseline", device="cpu", quiet=True)
+    assert summary["recipe"]["ema_decay"] == 0.9
+    folder = recipes.publish(
+        "breast-dce", tmp_path / "model", baseline=tmp_path / "baseline", target_root=tmp_path / "w", which="last"
+    )
+    bundle = load_bundle(folder)
+    last = load_bundle(tmp_path / "model" / "last")
+    for name, value in last.model.state_dict().items():  # the weights of the end of the run (the average)
+        assert torch.equal(bundle.model.state_dict()[name], value), name
+    final = [entry for entry in summary["history"] if "mean_dice" in entry][-1]
+    assert bundle.card.metrics["last_step"] == 3 and "best_step" not in bundle.card.metrics
+    assert bundle.card.metrics["val_mean_dice"] == pytest.approx(final["mean_dice"])
+    assert bundle.card.metrics["best_step_val_mean_dice"] == pytest.approx(summary["best_metrics"]["mean_dice"])
+    base_final = [entry for entry in base_summary["history"] if "mean_dice" in entry][-1]
+    assert bundle.card.metrics["baseline_test_ultralight_vm_unet_val_mean_dice"] == base_final["mean_dice"]
 
 
 def test_a_baseline_with_another_split_is_refused(recipes, tmp_path) -> None:

@@ -124,6 +124,7 @@ def _script() -> Path:
                 "--batch-size",
                 "--patch-size",
                 "--lr",
+                "--ema-decay",
                 "--val-fraction",
                 "--val-cases",
                 "--seed",
@@ -305,7 +306,12 @@ def test_from_bundle_fine_tunes_and_records_the_parent(run: tuple[Path, str], da
     parent = run[0] / "best"
     output = tmp_path / "tuned"
     argv = ["train", str(dataset), "-o", str(output), "--from-bundle", str(parent), "--steps", "2", "-q"]
-    assert cli.main([*argv, "--val-fraction", "0", "--patch-size", "16", "16", "--device", "cpu"]) == 0
+    assert (
+        cli.main([*argv, "--val-fraction", "0", "--patch-size", "16", "16", "--device", "cpu", "--ema-decay", "0.9"])
+        == 0
+    )
+    state, tensors = read_trainer_state(output / "last")
+    assert state["config"]["ema_decay"] == 0.9 and any(k.startswith("training_model.") for k in tensors)
     card = load_bundle(output / "last").card
     parent_card = load_bundle(parent).card
     assert card.parent_bundle == str(parent.resolve()) and card.parent_sha256 == parent_card.sha256
@@ -318,6 +324,10 @@ def test_an_invalid_option_value_is_one_line_before_anything_is_written(dataset:
     assert cli.main(["train", str(dataset), "-o", str(output), *TINY_RUN, "--steps", "0"]) == 2
     captured = capsys.readouterr()
     assert "steps must be an integer >= 1" in captured.err and "\n" not in captured.err.strip()
+    assert captured.out == "" and not output.exists()
+    assert cli.main(["train", str(dataset), "-o", str(output), *TINY_RUN, "--ema-decay", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "ema_decay must be None or a number in (0, 1)" in captured.err and "\n" not in captured.err.strip()
     assert captured.out == "" and not output.exists()
 
 

@@ -8,7 +8,8 @@ No napari or Qt here; importing this package imports torch. Main entry points:
   :class:`TrainingProgress` and :class:`TrainingResult`;
 * cases: :class:`TrainingCase`, :class:`NnUNetRawDataset` (lazy) and :func:`load_nnunet_raw`;
 * the pieces: :class:`SegmentationDataset`, :class:`Augmenter` with :class:`AugmentationConfig`,
-  :class:`DiceCELoss`, :func:`dice_per_class`, :func:`hd95`, :func:`evaluate`;
+  :class:`DiceCELoss`, :func:`dice_per_class`, :func:`hd95`, :func:`evaluate`; the moving average of the weights
+  (``TrainingConfig.ema_decay``) in :mod:`.ema`;
 * checkpoints: :func:`write_checkpoint`, :func:`read_trainer_state` (format in :mod:`.checkpoint`).
 """
 

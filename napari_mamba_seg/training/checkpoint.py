@@ -4,7 +4,8 @@ A checkpoint folder (``<output_dir>/last``, ``<output_dir>/best``) is a model bu
 ``card.json``, loadable with :func:`napari_mamba_seg.bundles.load_bundle`) with, beside it:
 
 * ``trainer_state.safetensors``: the optimizer's tensors, flattened (``optimizer.state.<param>.<name>``, e.g.
-  ``optimizer.state.3.exp_avg``); no pickle anywhere;
+  ``optimizer.state.3.exp_avg``), and, when the bundle holds a moving average of the weights, the trained weights
+  (``training_model.<name>``); no pickle anywhere;
 * ``trainer_state.json``: everything else (global step, config, LR schedule, optimizer hyper-parameters, grad
   scaler, best metric, early-stopping counter, history). Written last: it marks a complete checkpoint.
 

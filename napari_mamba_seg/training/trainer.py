@@ -82,6 +82,7 @@ from napari_mamba_seg.training.distributed import (
     training_device,
     wrap_model,
 )
+from napari_mamba_seg.training.ema import ema_decay_at, make_ema_model, update_ema
 from napari_mamba_seg.training.evaluation import (
     MEAN_DICE,
     case_metrics,
@@ -108,6 +109,7 @@ BEST = "best"
 """Sub-folder holding the bundle with the best validation ``mean_dice``."""
 DEFAULT_PATCH_2D = (256, 256)
 DEFAULT_PATCH_3D = (64, 128, 128)
+_TRAINING_MODEL_PREFIX = "training_model."
 
 
 @dataclass
@@ -146,6 +148,10 @@ class TrainingConfig:
         cache_size: Lazily read training cases (an ``NnUNetRawDataset``): how many prepared (read, normalised) cases
             each data-loading process keeps in memory, the least recently drawn dropped first; None = all of them.
             Changes the speed, never the batches. In-memory case lists are prepared once whatever this says.
+        ema_decay: Keep an exponential moving average of the weights with this decay (e.g. 0.999) and validate,
+            save and return the averaged model (:func:`ema_decay_at` gives the decay of each step); None = no
+            average: the last step's weights are the model. The average smooths the step-to-step swings of the
+            validation Dice at a high learning rate.
     """
 
     steps: int = 1000
@@ -172,6 +178,7 @@ class TrainingConfig:
     cpu_onednn: bool = False
     augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     cache_size: int | None = None
+    ema_decay: float | None = None
 
     def __post_init__(self) -> None:
         """Check the values (a dict from JSON becomes an :class:`AugmentationConfig`, lists become tuples)."""
@@ -208,6 +215,10 @@ class TrainingConfig:
             (
                 self.cache_size is None or (_is_int(self.cache_size) and self.cache_size >= 1),
                 "cache_size must be None or an integer >= 1",
+            ),
+            (
+                self.ema_decay is None or (isinstance(self.ema_decay, int | float) and 0 < self.ema_decay < 1),
+                "ema_decay must be None or a number in (0, 1), e.g. 0.999",
             ),
         ]
         problems = [message for ok, message in checks if not ok]
@@ -272,7 +283,8 @@ class TrainingResult:
         step: The global step reached.
         stopped_early: Early stopping ended the run.
         cancelled: ``cancel`` ended the run (no checkpoint was written for the steps after the last one).
-        model: The model as trained (the last step's weights, on the training device, in train mode).
+        model: The trained model, on the training device: the weights validation scored, that is the moving
+            average with ``TrainingConfig.ema_decay`` (in eval mode), else the last step's weights (in train mode).
     """
 
     best_bundle: Path | None
@@ -478,6 +490,8 @@ class Trainer:
         # the module a training step calls: the model, or DDP around it (same parameters) when data-parallel, made at
         # the first step: wrapping is a collective, and the ranks build their trainers one after the other
         self._step_model: nn.Module | None = self.model if self.distributed is None else None
+        # the moving average of the weights (TrainingConfig.ema_decay): what validation scores and checkpoints save
+        self.ema_model: nn.Module | None = None if config.ema_decay is None else make_ema_model(self.model)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.schedule = WarmupCosineSchedule(config.lr, config.steps, config.warmup_steps)
@@ -649,11 +663,19 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         self.step += 1
+        if self.ema_model is not None:
+            update_ema(self.ema_model, self.model, ema_decay_at(self.config.ema_decay, self.step))
         self._lr = lr
         value = float(loss.detach())
         self._loss_sum += value
         self._loss_count += 1
         return value
+
+    @property
+    def evaluation_model(self) -> nn.Module:
+        """The model validation scores and checkpoints save: the moving average of the weights with
+        ``TrainingConfig.ema_decay``, else the model being trained."""
+        return self.model if self.ema_model is None else self.ema_model
 
     # ------------------------------------------------------------------------------------------------- validation
 
@@ -680,11 +702,12 @@ class Trainer:
             axis=self.config.slice_axis,
             overlap=self.config.validation_overlap,
         )
-        predictor = Predictor(self.model, self.card, settings)
+        model = self.evaluation_model
+        predictor = Predictor(model, self.card, settings)
         total = len(self.val_cases)
         results = []
         cancelled = False
-        sync_buffers(self.model, self.distributed)  # data-parallel: all ranks validate rank 0's model (BatchNorm)
+        sync_buffers(model, self.distributed)  # data-parallel: all ranks validate rank 0's model (BatchNorm)
         try:
             for index in split_indices(total, self.distributed):  # data-parallel: this rank's share of the cases
                 if is_cancelled():
@@ -693,10 +716,12 @@ class Trainer:
                 case = self.val_cases[index]
                 with cpu_training_flags(self.device, onednn=self.config.cpu_onednn):
                     prediction = predictor.predict(case.image, case.spacing)
-                results.append((index, case_metrics(prediction.labels, case, self.model.num_classes)))
+                results.append((index, case_metrics(prediction.labels, case, model.num_classes)))
                 yield self._progress("validate", message=f"validation case {index + 1}/{total} ({case.name})")
         finally:
             self.model.train()
+            if self.ema_model is not None:
+                self.ema_model.eval()
         results, cancelled = gather_indexed(results, cancelled, self.distributed)  # every rank: all cases, in order
         return None if cancelled else summarize(results, self.card.class_names)
 
@@ -739,20 +764,26 @@ class Trainer:
         metrics["step"] = self.step
         card = dataclasses.replace(self.card, metrics=json_metrics(metrics))
         state, tensors = self._state()
-        folder = write_checkpoint(self.output_dir / LAST, self.model, card, state, tensors)
+        folder = write_checkpoint(self.output_dir / LAST, self.evaluation_model, card, state, tensors)
         return self._progress("checkpoint", message=f"step {self.step}: checkpoint written to {folder}")
 
     def _write_best(self) -> TrainingProgress:
         if not is_main_process(self.distributed):  # data-parallel: rank 0 writes
             return self._progress("checkpoint", message=f"step {self.step}: best bundle left to process 0")
         card = dataclasses.replace(self.card, metrics=json_metrics(self.best_metrics))
-        folder = write_checkpoint(self.output_dir / BEST, self.model, card)
+        folder = write_checkpoint(self.output_dir / BEST, self.evaluation_model, card)
         value = self.best_metrics.get(MEAN_DICE, float("nan"))
         return self._progress("checkpoint", message=f"step {self.step}: best mean Dice {value:.4f}, saved to {folder}")
 
     def _state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """The trainer state for ``trainer_state.json`` and its tensors for ``trainer_state.safetensors``."""
+        """The trainer state for ``trainer_state.json`` and its tensors for ``trainer_state.safetensors``.
+
+        With a moving average the bundle holds the average, and the trained weights go into the tensors
+        (``training_model.<name>``), so that a resumed run continues both.
+        """
         optimizer_json, tensors = optimizer_state_to_files(self.optimizer)
+        if self.ema_model is not None:
+            tensors |= {f"{_TRAINING_MODEL_PREFIX}{k}": v for k, v in self.model.state_dict().items()}
         state = {
             "step": self.step,
             "processes": 1 if self.distributed is None else self.distributed.world_size,  # information only
@@ -779,6 +810,11 @@ class Trainer:
     def _load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Restore what :meth:`_state` saved."""
         self.step = int(state["step"])
+        trained = {
+            k[len(_TRAINING_MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_TRAINING_MODEL_PREFIX)
+        }
+        if trained:  # the run kept an average: the bundle's weights are the average, these the trained weights
+            self.model.load_state_dict(trained)
         self.optimizer.load_state_dict(optimizer_state_from_files(state["optimizer"], tensors))
         if state.get("grad_scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["grad_scaler"])
@@ -820,7 +856,7 @@ class Trainer:
             step=self.step,
             stopped_early=stopped_early,
             cancelled=cancelled,
-            model=self.model,
+            model=self.evaluation_model,
         )
 
 

@@ -60,8 +60,8 @@ def add_finetune_parser(subcommands: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="the anchor leaves out where the training slices' corrections showed the model wrong: the positions "
-        "they corrected on the slices near them, farther away a foreground they removed that the model repeats "
-        "(default: on)",
+        "they corrected (grown by 3 mm) on the slices within 20 mm of them, farther away a foreground they removed "
+        "that the model repeats (default: on)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")

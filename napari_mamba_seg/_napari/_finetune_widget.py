@@ -345,8 +345,8 @@ class FineTuneWidget(QWidget):
         self.anchor.setToolTip(
             "half of the patches show the model what it predicted on the slices you did not review, so your "
             "corrections change what they show without shifting the whole study (the studies are predicted once more); "
-            "where your corrections showed the model wrong (the positions you corrected, a false finding you removed "
-            "that it repeats on other slices) it does not rehearse itself"
+            "where your corrections showed the model wrong (the positions you corrected, on the slices within 20 mm; "
+            "a false finding you removed that it repeats farther away) it does not rehearse itself"
         )
         self.device_box = DeviceBox()
         self.controls = RunControls("Fine-tune", self.run, self.cancel)

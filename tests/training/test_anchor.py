@@ -1,5 +1,6 @@
 """Where the fine-tune's anchor defers to the corrections (``deferred_to_corrections``): each rule checked against a
-mask built slice by slice here, on random labels and predictions."""
+mask built slice by slice here, on random labels and predictions; and its distances in mm turned into pixels and
+slices (``defer_extent``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from napari_mamba_seg.training.anchor import deferred_to_corrections
+from napari_mamba_seg.training.anchor import DEFER_MARGIN, DEFER_REACH, defer_extent, deferred_to_corrections
 
 
 def _cross_grown(mask: np.ndarray, margin: int) -> np.ndarray:
@@ -98,3 +99,36 @@ def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match=">= 0"):
         deferred_to_corrections(labels, predicted, 0, [1], [0], margin=-1)
     assert not deferred_to_corrections(labels, predicted, 0, [], [0, 1]).any()  # nothing to defer to
+
+
+@pytest.mark.parametrize(
+    ("spacing", "axis", "expected"),
+    [
+        ((0.98, 0.98, 3.27), 2, (3, 6)),  # the sarcoma studies the rule was tuned on: 3 pixels, 6 slices
+        ((1.17, 1.17, 3.27), 2, (3, 6)),  # STS_019, coarser in-plane: the same
+        ((1.0, 0.7, 0.7), 0, (4, 20)),  # a thin-slice breast MRI reviewed axially
+        ((0.7, 1.0, 0.7), 1, (4, 20)),  # any axis
+        ((3.0, 1.0, 1.0), 1, (2, 20)),  # in-plane: the mean of 3 mm and 1 mm
+        ((2.5, 1.0, 1.0), 0, (3, 8)),  # 8 slices (20 mm) reach, the 9th (22.5 mm) does not
+        ((4.0, 1.0, 1.0), 0, (3, 5)),  # a slice exactly 20 mm away is within reach
+        ((25.0, 1.0, 1.0), 0, (3, 0)),  # slices thicker than the reach: only the removed-foreground rule is left
+        ((0.5, 0.5), 0, (6, 40)),  # 2D studies too
+        (None, 0, (DEFER_MARGIN, DEFER_REACH)),
+    ],
+)
+def test_the_margin_and_reach_are_distances_in_mm(spacing, axis, expected) -> None:
+    assert defer_extent(spacing, axis) == expected
+    if spacing is not None:  # the rule itself: whole slices whose centre is within 20 mm, margin 3 mm rounded
+        in_plane = np.mean([s for a, s in enumerate(spacing) if a != axis])
+        reach = max(k for k in range(100) if k * spacing[axis] <= 20.0 + 1e-9)
+        assert expected == (round(3.0 / in_plane), reach)
+
+
+def test_bad_distances_and_spacings_are_refused() -> None:
+    with pytest.raises(ValueError, match="margin_mm and reach_mm must be >= 0"):
+        defer_extent((1.0, 1.0, 1.0), 0, reach_mm=-1)
+    for bad in ((1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), (-1.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match="positive and finite"):
+            defer_extent(bad, 0)
+    with pytest.raises(ValueError, match="out of range"):
+        defer_extent((1.0, 1.0, 1.0), 3)

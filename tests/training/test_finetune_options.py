@@ -315,7 +315,11 @@ def test_where_the_anchor_defers_its_labels_count_for_nothing(parent, axis) -> N
     noise = np.random.default_rng(3).integers(0, 2, SHAPE).astype(np.uint8)
     second.predicted[columns & unreviewed] = noise[columns & unreviewed]
     tuned = finetune(parent, [first], deferring)
-    assert tuned.provenance["studies"][0]["anchor_deferred_voxels"] > (columns & unreviewed).sum()
+    record = tuned.provenance["studies"][0]
+    assert record["anchor_deferred_voxels"] > (columns & unreviewed).sum()
+    # spacing (3, 1, 1) mm: 20 mm are 6 slices of 3 mm along axis 0, 20 of 1 mm along axis 1
+    expected = (3, 6) if axis == 0 else (2, 20)
+    assert (record["anchor_defer_margin_pixels"], record["anchor_defer_reach_slices"]) == expected
     assert _same_weights(tuned.model, finetune(parent, [second], deferring).model)
 
     plain = dataclasses.replace(deferring, defer_to_corrections=False)

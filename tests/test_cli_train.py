@@ -19,10 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from squares_dataset import write_squares_dataset
 
 from napari_mamba_seg import cli
 from napari_mamba_seg._cli_training import split_cases
@@ -31,7 +31,6 @@ from napari_mamba_seg.inference import PredictionSettings, Predictor
 from napari_mamba_seg.models import create_model
 from napari_mamba_seg.training import Trainer, dice_per_class, hd95, load_nnunet_raw, read_trainer_state
 
-SPACING_ZYX = (2.0, 1.0, 1.0)
 CASES = ("BR_001", "BR_002", "BR_003", "BR_004")
 TINY_RUN = ["--arch", "test_unet", "--patch-size", "16", "16", "--device", "cpu", "--quiet"]
 
@@ -51,33 +50,9 @@ def _no_env_leak(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
 
 
-def _write_nifti(path: Path, array_zyx: np.ndarray) -> None:
-    """Write an array in array order (z, y, x) as NIfTI (voxel order x, y, z) with spacing SPACING_ZYX."""
-    affine = np.diag([SPACING_ZYX[2], SPACING_ZYX[1], SPACING_ZYX[0], 1.0])
-    nib.save(nib.Nifti1Image(np.ascontiguousarray(array_zyx.transpose()), affine), str(path))
-
-
 def _write_dataset(root: Path) -> Path:
-    """Dataset042_Squares: 4 cases of 4×24×24 noise with a bright square of a different size each = label 1."""
-    folder = root / "Dataset042_Squares"
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    info = {
-        "channel_names": {"0": "T1"},
-        "labels": {"background": 0, "lesion": 1},
-        "numTraining": len(CASES),
-        "file_ending": ".nii.gz",
-    }
-    (folder / "dataset.json").write_text(json.dumps(info))
-    rng = np.random.default_rng(7)
-    for number, case in enumerate(CASES):
-        labels = np.zeros((4, 24, 24), np.uint8)
-        start, size = 4 + number, 6 + 2 * number
-        labels[1:3, start : start + size, start : start + size] = 1
-        image = rng.normal(100, 10, labels.shape).astype(np.float32) + 80 * labels
-        _write_nifti(folder / "imagesTr" / f"{case}_0000.nii.gz", image)
-        _write_nifti(folder / "labelsTr" / f"{case}.nii.gz", labels)
-    return folder
+    """Dataset042_Squares: 4 cases with a bright square of a different size each = label 1."""
+    return write_squares_dataset(root, {case: (4 + n, 6 + 2 * n) for n, case in enumerate(CASES)})
 
 
 @pytest.fixture(scope="module")

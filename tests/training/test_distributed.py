@@ -37,8 +37,6 @@ import time
 import weakref
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,27 +73,9 @@ TRAIN = [
 
 
 def _write_dataset(root: Path) -> Path:
-    """Dataset042_Squares: 6 cases of 4×24×24 noise, a bright square of a different size in each = label 1."""
-    folder = root / "Dataset042_Squares"
-    (folder / "imagesTr").mkdir(parents=True)
-    (folder / "labelsTr").mkdir()
-    info = {
-        "channel_names": {"0": "T1"},
-        "labels": {"background": 0, "lesion": 1},
-        "numTraining": len(CASES),
-        "file_ending": ".nii.gz",
-    }
-    (folder / "dataset.json").write_text(json.dumps(info))
-    rng = np.random.default_rng(7)
-    affine = np.diag([1.0, 1.0, 2.0, 1.0])  # spacing (z, y, x) = (2, 1, 1) mm
-    for number, case in enumerate(CASES):
-        labels = np.zeros((4, 24, 24), np.uint8)
-        start, size = 3 + number, 5 + 2 * (number % 4)
-        labels[1:3, start : start + size, start : start + size] = 1
-        image = rng.normal(100, 10, labels.shape).astype(np.float32) + 80 * labels
-        for array, path in ((image, f"imagesTr/{case}_0000.nii.gz"), (labels, f"labelsTr/{case}.nii.gz")):
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose()), affine), str(folder / path))
-    return folder
+    """Dataset042_Squares: 6 cases, a bright square of a different size in each = label 1."""
+    from squares_dataset import write_squares_dataset  # here: torchrun runs this module without tests/ on the path
+    return write_squares_dataset(root, {case: (3 + n, 5 + 2 * (n % 4)) for n, case in enumerate(CASES)})
 
 
 @pytest.fixture(scope="module")

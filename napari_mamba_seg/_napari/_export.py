@@ -4,7 +4,8 @@ into a call of :func:`napari_mamba_seg.io.export_labels`.
 What each format needs from napari:
 
 * NIfTI / TIFF: the labels and their geometry (the layer's :data:`METADATA_KEY` entry); a NIfTI source that still
-  exists lends its header, so the labels carry its qform/sform bit for bit.
+  exists lends its header, so the labels carry its qform/sform bit for bit; a DICOM source's files, as the reader
+  listed them, are hashed into the provenance record one by one.
 * DICOM-SEG: the source series' files (the SEG references their instances), so the source is read again from the
   folder named in the metadata (in the worker thread); it must still hold the same slices on the same grid.
 * nnU-Net: the image channels too: the image layers the labels were segmented from (or the ones chosen).
@@ -235,6 +236,8 @@ def source_image(request: ExportRequest) -> MedicalImage:
     header = _nifti_header(request) if fmt == "nifti" else None
     if header is not None:
         metadata["nifti_header"] = header
+    if fmt == "dicom" and request.entry.get("source_files"):
+        metadata["files"] = request.entry["source_files"]  # the provenance records each file's sha256
     if request.channels is not None:
         array = request.channels
         names = request.channel_names or [f"channel {c}" for c in range(array.shape[0])]

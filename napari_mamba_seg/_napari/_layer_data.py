@@ -128,10 +128,15 @@ def plugin_metadata(image: MedicalImage, *, channel_index: int | None = None) ->
         channel_index: The channel the layer shows, None when it shows all (a channel axis) or none (labels).
 
     Returns:
-        ``{"affine", "spatial_shape", "source", "format", "channel_names", "channel_index", "series_uid"}``: plain
-        Python values (lists, str, int, None), so napari can copy and save them.
+        ``{"affine", "spatial_shape", "source", "format", "channel_names", "channel_index", "series_uid",
+        "source_files"}``: plain Python values (lists, str, int, None), so napari can copy and save them.
+        ``source_files``: for a DICOM image, the files read, one list per channel the layer shows (so an export can
+        record each file's sha256 without reading the series again); else None.
     """
     series_uids = image.metadata.get("series_uids") or []
+    files = image.metadata.get("files") if image.format == "dicom" else None
+    if files and channel_index is not None:
+        files = [files[channel_index]] if channel_index < len(files) else None
     return {
         "affine": image.geometry.affine.tolist(),
         "spatial_shape": list(image.spatial_shape),
@@ -141,6 +146,7 @@ def plugin_metadata(image: MedicalImage, *, channel_index: int | None = None) ->
         "channel_index": channel_index,
         # DICOM: the series read, so read_image(source, series_uid=...) reads the same image again (None: all).
         "series_uid": series_uids[0] if len(set(series_uids)) == 1 else None,
+        "source_files": [[str(f) for f in channel] for channel in files] if files else None,
     }
 
 

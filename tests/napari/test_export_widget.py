@@ -193,6 +193,14 @@ def test_dicom_seg_references_the_source_series(make_napari_viewer, qtbot, tmp_p
     source_uids = {pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID for path in files}
     assert referenced and referenced <= source_uids
 
+    # a NIfTI export of the same labels records every file of the series with its sha256 (without re-reading it)
+    nifti = _export(qtbot, widget, tmp_path / "labels.nii.gz", "nifti")
+    assert not errors
+    recorded = json.loads(nifti.provenance_file.read_text())["source"]["files"]
+    assert sorted(entry["path"] for entry in recorded) == sorted(str(Path(f).absolute()) for f in files)
+    for entry in recorded:
+        assert entry["sha256"] == hashlib.sha256(Path(entry["path"]).read_bytes()).hexdigest()
+
 
 def test_refusals_write_nothing(make_napari_viewer, qtbot, tmp_path, errors):
     source = tmp_path / "case.nii.gz"

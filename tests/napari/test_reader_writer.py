@@ -155,6 +155,7 @@ def test_reader_opens_a_dicom_series_folder_or_one_of_its_files(tmp_path: Path) 
         entry = kwargs["metadata"][METADATA_KEY]
         assert entry["format"] == "dicom" and entry["series_uid"] == "1.2.3.4"
         assert entry["source"] == str(tmp_path / "series")
+        assert [sorted(channel) for channel in entry["source_files"]] == [sorted(str(f) for f in files)]
 
 
 def test_dce_phases_stored_as_separate_series_become_channels_and_are_announced(tmp_path: Path, notifications) -> None:

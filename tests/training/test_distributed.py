@@ -75,6 +75,7 @@ TRAIN = [
 def _write_dataset(root: Path) -> Path:
     """Dataset042_Squares: 6 cases, a bright square of a different size in each = label 1."""
     from squares_dataset import write_squares_dataset  # here: torchrun runs this module without tests/ on the path
+
     return write_squares_dataset(root, {case: (3 + n, 5 + 2 * (n % 4)) for n, case in enumerate(CASES)})
 
 

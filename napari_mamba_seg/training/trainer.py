@@ -150,8 +150,8 @@ class TrainingConfig:
             Changes the speed, never the batches. In-memory case lists are prepared once whatever this says.
         ema_decay: Keep an exponential moving average of the weights with this decay (e.g. 0.999) and validate,
             save and return the averaged model (:func:`ema_decay_at` gives the decay of each step); None = no
-            average: the last step's weights are the model. The average smooths the step-to-step swings of the
-            validation Dice at a high learning rate.
+            average: the last step's weights are the model. Measured on the sarcoma data at CPU scale
+            (BENCHMARKS.md): it helps early in a run, while the weights still move fast, and gave no gain at its end.
     """
 
     steps: int = 1000

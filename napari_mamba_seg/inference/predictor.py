@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -103,7 +104,8 @@ class PredictionSettings:
             for a 2D model, the coarsest spacing for a 3D one) in which every channel is constant: outside the
             scanner's field of view, where the network gets no signal but can still draw shapes (the bundled
             mr-tumour model drew a 15,000-voxel tumour on the five empty end slices of sarcoma case STS_004). The
-            probabilities there become background 1.
+            probabilities there become background 1. A 2D model slicing along that axis does not predict those
+            slices at all (the plan of the prediction counts only the slices it predicts).
     """
 
     device: str = "auto"
@@ -577,6 +579,11 @@ class Predictor:
         spacing = self._check_spacing(spacing, image.ndim - 1)
         layout = self._layout(tuple(image.shape[1:]), spacing)
         plan = self._plan(layout)
+        blank_axis, blank = None, None
+        if self.settings.blank_slices_background and image.ndim == 4:
+            blank_axis = layout.axis if layout.axis is not None else slice_axis_for(spacing)
+            blank = blank_slices(image, blank_axis)
+        items, plan = _items_to_predict(layout, plan, blank_axis, blank)
         check_cancel()
         was_training = self.model.training
         self.model.eval()
@@ -591,7 +598,7 @@ class Predictor:
             grid = TileGrid.build(layout.item_shape, plan.tile_size, plan.overlap)
             steps = run_tiles(
                 grid,
-                layout.num_items,
+                items,
                 plan.batch_size,
                 _tile_reader(view),
                 self._predict_batch,
@@ -610,9 +617,8 @@ class Predictor:
                 yield PredictionProgress(1, 1, "resampling", "probabilities back to the image grid")
         finally:
             self.model.train(was_training)
-        if self.settings.blank_slices_background and image.ndim == 4:
-            axis = layout.axis if layout.axis is not None else slice_axis_for(spacing)
-            _set_background(writer.labels, writer.probabilities, axis, blank_slices(image, axis))
+        if blank is not None:
+            _set_background(writer.labels, writer.probabilities, blank_axis, blank)
         return Prediction(writer.labels, writer.probabilities, self.class_names, plan)
 
     def _normalise(
@@ -695,6 +701,27 @@ class _OutputWriter:
             _argmax_into(channels, self.labels)
         else:
             _argmax_into((p for p in probabilities), self.labels)
+
+
+def _items_to_predict(
+    layout: _Layout, plan: PredictionPlan, blank_axis: int | None, blank: np.ndarray | None
+) -> tuple[list[int], PredictionPlan]:
+    """The items to predict and the plan for them: a 2D model slicing along ``blank_axis`` (on the image's own slices)
+    skips the blank ones; otherwise every item (the blank slices are set to background afterwards)."""
+    items = list(range(layout.num_items))
+    skips = (
+        blank is not None
+        and blank.any()
+        and layout.mode == "slices"
+        and layout.axis == blank_axis
+        and layout.num_items == blank.size
+    )
+    if not skips:
+        return items, plan
+    items = [int(i) for i in np.flatnonzero(~blank)]
+    tiles = len(items) * plan.tiles_per_item
+    steps = math.ceil(tiles / plan.batch_size)
+    return items, dataclasses.replace(plan, num_tiles=tiles, num_steps=steps)
 
 
 def blank_slices(image: np.ndarray, axis: int) -> np.ndarray:

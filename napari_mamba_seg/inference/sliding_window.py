@@ -129,9 +129,13 @@ class TileGrid:
         return total
 
 
-def iter_tile_batches(grid: TileGrid, num_items: int, batch_size: int) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
-    """The ``(item, tile start)`` pairs of all items, item by item, in batches of ``batch_size``."""
-    pairs = ((item, start) for item in range(num_items) for start in grid.starts)
+def iter_tile_batches(
+    grid: TileGrid, items: int | Sequence[int], batch_size: int
+) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
+    """The ``(item, tile start)`` pairs of the items (a count: ``0 .. items - 1``), item by item, in batches of
+    ``batch_size``."""
+    items = range(items) if isinstance(items, int) else items
+    pairs = ((item, start) for item in items for start in grid.starts)
     while batch := list(itertools.islice(pairs, batch_size)):
         yield batch
 
@@ -182,7 +186,7 @@ class TileBlender:
 
 def run_tiles(
     grid: TileGrid,
-    num_items: int,
+    items: int | Sequence[int],
     batch_size: int,
     read_tile: Callable[[int, tuple[slice, ...]], np.ndarray],
     predict_batch: Callable[[np.ndarray], np.ndarray],
@@ -194,7 +198,7 @@ def run_tiles(
 
     Args:
         grid: The tiles of one item.
-        num_items: Number of items.
+        items: The items to predict, or their number (then ``0 .. items - 1``).
         batch_size: Tiles per forward pass.
         read_tile: ``read_tile(item, region) -> (C, *grid.tile)`` input of one tile.
         predict_batch: ``(b, C, *grid.tile)`` float32 -> ``(b, K, *grid.tile)`` float32 probabilities.
@@ -206,7 +210,7 @@ def run_tiles(
         The number of batches done, after each batch.
     """
     blender = TileBlender(grid, num_classes, on_item_done)
-    for done, batch in enumerate(iter_tile_batches(grid, num_items, batch_size), start=1):
+    for done, batch in enumerate(iter_tile_batches(grid, items, batch_size), start=1):
         check_cancel()
         inputs = np.stack([read_tile(item, grid.region(start)) for item, start in batch])
         probabilities = predict_batch(inputs)

@@ -177,11 +177,24 @@ def test_slices_without_signal_are_background(model_name, axis, request, make_im
     image[:, blank] = 0.0
     spacing = [1.0, 1.0, 1.0]
     spacing[axis] = 3.0  # the slice axis
-    shown = {}
+    shown, seen = {}, {}
+    Predictor(model, None).predict(image, spacing)  # any one-off probe of the model happens here, not counted below
     for blank_background in (False, True):
         settings = PredictionSettings(return_probabilities=True, blank_slices_background=blank_background)
-        shown[blank_background] = Predictor(model, None, settings).predict(image, spacing)
+        inputs: list[torch.Size] = []
+        hook = model.register_forward_pre_hook(lambda _module, args, into=inputs: into.append(args[0].shape))
+        try:
+            shown[blank_background] = Predictor(model, None, settings).predict(image, spacing)
+        finally:
+            hook.remove()
+        seen[blank_background] = sum(shape[0] for shape in inputs)
     raw, cleaned = shown[False], shown[True]
+    if model.spatial_dims == 2:  # the blank slices are not even predicted
+        assert (seen[False], seen[True]) == (7, 5)
+        assert (raw.plan.num_tiles, cleaned.plan.num_tiles) == (7, 5)
+        assert cleaned.plan.num_steps == -(-5 // cleaned.plan.batch_size)
+    else:
+        assert seen[False] == seen[True] and cleaned.plan == raw.plan
     assert raw.labels[blank].any(), "the model must draw something on the blank slices for this test to mean anything"
     assert not cleaned.labels[blank].any()
     np.testing.assert_array_equal(cleaned.labels[~blank], raw.labels[~blank])

@@ -169,6 +169,20 @@ def test_a_variant_with_a_moving_average_publishes_its_last_step(recipes, tmp_pa
     assert bundle.card.metrics["baseline_test_ultralight_vm_unet_val_mean_dice"] == base_final["mean_dice"]
 
 
+def test_a_recipe_trains_the_same_weights_twice_in_one_process(recipes, tmp_path) -> None:
+    """The initial weights follow the recipe's seed, not whatever used torch's RNG before (here: the first run)."""
+    recipe, train, val = _tiny(recipes)
+    weights = []
+    for run in ("first", "second"):
+        recipes.train(recipe, train, val, tmp_path / run, device="cpu", quiet=True)
+        weights.append(load_bundle(tmp_path / run / "last").model.state_dict())
+    for name, value in weights[0].items():
+        assert torch.equal(value, weights[1][name]), name
+    other = dataclasses.replace(recipe, seed=1)
+    recipes.train(other, train, val, tmp_path / "other seed", device="cpu", quiet=True)
+    assert not torch.equal(load_bundle(tmp_path / "other seed" / "last").model.state_dict()[name], weights[0][name])
+
+
 def test_a_baseline_with_another_split_is_refused(recipes, tmp_path) -> None:
     recipe, train, val = _tiny(recipes)
     recipes.train(recipe, train, val, tmp_path / "model", device="cpu", quiet=True)

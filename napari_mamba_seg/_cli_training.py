@@ -434,10 +434,8 @@ def _new_trainer(
     val: NnUNetRawDataset | None,
     training_data: str,
 ) -> Trainer:
-    import torch
-
     from napari_mamba_seg.bundles import ModelCard
-    from napari_mamba_seg.models import create_model, get_model_entry
+    from napari_mamba_seg.models import create_seeded_model, get_model_entry
     from napari_mamba_seg.training import Trainer, TrainingConfig
 
     config = TrainingConfig(
@@ -467,9 +465,9 @@ def _new_trainer(
         training_data=training_data,
         description=f"trained with `napari-mamba-seg train` on {dataset.folder.name}",
     )
-    with torch.random.fork_rng(devices=[]):  # the initial weights follow --seed, whatever ran before
-        torch.manual_seed(config.seed)
-        model = create_model(args.arch, in_channels=len(dataset.channel_names), num_classes=dataset.num_classes)
+    model = create_seeded_model(  # the initial weights follow --seed, whatever ran before
+        args.arch, config.seed, in_channels=len(dataset.channel_names), num_classes=dataset.num_classes
+    )
     return Trainer(model, card, train, val, config, args.output, overwrite=args.overwrite)
 
 

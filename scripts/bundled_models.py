@@ -263,10 +263,8 @@ def train(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """Train ``recipe`` and write ``out/best``, ``out/last`` and ``out/summary.json``; the summary."""
-    import torch
-
     from napari_mamba_seg.bundles import ModelCard
-    from napari_mamba_seg.models import create_model
+    from napari_mamba_seg.models import create_seeded_model
     from napari_mamba_seg.training import Trainer, TrainingConfig
     from napari_mamba_seg.training.trainer import json_ready
 
@@ -274,11 +272,9 @@ def train(
     if refuse.exists() and not overwrite:
         raise SystemExit(f"error: {out} already holds a run; pass --overwrite or choose another --out")
     in_channels = int(train_cases[0].image.shape[0])
-    with torch.random.fork_rng(devices=[]):  # the initial weights follow the recipe's seed, whatever ran before
-        torch.manual_seed(recipe.seed)
-        model = create_model(
-            recipe.arch, in_channels=in_channels, num_classes=len(recipe.class_names), **recipe.overrides
-        )
+    model = create_seeded_model(  # the initial weights follow the recipe's seed, whatever ran before
+        recipe.arch, recipe.seed, in_channels=in_channels, num_classes=len(recipe.class_names), **recipe.overrides
+    )
     card = ModelCard(
         class_names=recipe.class_names,
         channel_names=recipe.channel_names,

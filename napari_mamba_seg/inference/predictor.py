@@ -583,7 +583,8 @@ class Predictor:
         if self.settings.blank_slices_background and image.ndim == 4:
             blank_axis = layout.axis if layout.axis is not None else slice_axis_for(spacing)
             blank = blank_slices(image, blank_axis)
-        items, plan = _items_to_predict(layout, plan, blank_axis, blank)
+        grid = TileGrid.build(layout.item_shape, plan.tile_size, plan.overlap)
+        items, plan = _items_to_predict(layout, grid, plan, blank_axis, blank)
         check_cancel()
         was_training = self.model.training
         self.model.eval()
@@ -595,7 +596,6 @@ class Predictor:
                 yield PredictionProgress(1, 1, "resampling", f"image to {'×'.join(map(str, layout.grid))}")
             writer = _OutputWriter(layout, self.num_classes, self.settings.return_probabilities)
             view = layout.item_view(normalised)
-            grid = TileGrid.build(layout.item_shape, plan.tile_size, plan.overlap)
             steps = run_tiles(
                 grid,
                 items,
@@ -704,7 +704,7 @@ class _OutputWriter:
 
 
 def _items_to_predict(
-    layout: _Layout, plan: PredictionPlan, blank_axis: int | None, blank: np.ndarray | None
+    layout: _Layout, grid: TileGrid, plan: PredictionPlan, blank_axis: int | None, blank: np.ndarray | None
 ) -> tuple[list[int], PredictionPlan]:
     """The items to predict and the plan for them: a 2D model slicing along ``blank_axis`` (on the image's own slices)
     skips the blank ones; otherwise every item (the blank slices are set to background afterwards)."""
@@ -719,9 +719,8 @@ def _items_to_predict(
     if not skips:
         return items, plan
     items = [int(i) for i in np.flatnonzero(~blank)]
-    tiles = len(items) * plan.tiles_per_item
-    steps = math.ceil(tiles / plan.batch_size)
-    return items, dataclasses.replace(plan, num_tiles=tiles, num_steps=steps)
+    steps = num_batches(grid, len(items), plan.batch_size)
+    return items, dataclasses.replace(plan, num_tiles=len(items) * grid.num_tiles, num_steps=steps)
 
 
 def blank_slices(image: np.ndarray, axis: int) -> np.ndarray:

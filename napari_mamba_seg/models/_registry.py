@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
@@ -163,6 +164,14 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     model = entry.model_cls(config)
     model.model_name = name
     return model
+
+
+def create_seeded_model(name: str, seed: int, **overrides: Any) -> nn.Module:
+    """:func:`create_model` with initial weights drawn from ``torch.manual_seed(seed)``, whatever used torch's global
+    RNG before (which is left as it was): the same ``seed`` gives the same weights in any process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, **overrides)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from napari_mamba_seg import __version__
 from napari_mamba_seg._durable import file_sha256, fsync_directory, write_durably
+from napari_mamba_seg._spacing import checked_spacing
 from napari_mamba_seg.models import config_from_dict, config_to_dict, create_model, get_model_entry
 from napari_mamba_seg.models._registry import ModelEntry
 
@@ -145,15 +146,13 @@ class ModelCard:
         self.class_names = [str(name) for name in self.class_names]
         self.channel_names = [str(name) for name in self.channel_names]
         self.patch_size = None if self.patch_size is None else [int(s) for s in self.patch_size]
-        self.spacing = None if self.spacing is None else [float(s) for s in self.spacing]
+        self.spacing = None if self.spacing is None else list(checked_spacing(self.spacing, (2, 3)))
         # through JSON once: tuples become lists (a round trip compares equal) and unstorable values fail here
         self.config = _as_json(self.config, "config")
         self.normalization = _as_json(self.normalization, "normalization")
         self.metrics = _as_json(self.metrics, "metrics")
         if self.patch_size is not None and (len(self.patch_size) not in (2, 3) or min(self.patch_size) < 1):
             raise ValueError(f"patch_size must be 2 or 3 positive sizes, got {self.patch_size}")
-        if self.spacing is not None and (len(self.spacing) not in (2, 3) or min(self.spacing) <= 0):
-            raise ValueError(f"spacing must be 2 or 3 positive values in mm, got {self.spacing}")
         if self.resample and self.spacing is None:
             raise ValueError("resample=True needs the spacing to resample to; set spacing or resample=False")
 

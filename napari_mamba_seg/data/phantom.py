@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from napari_mamba_seg._spacing import checked_spacing
 from napari_mamba_seg.data import _anatomy as anat
 from napari_mamba_seg.data._degrade import code_counts, degrade, majority_labels, subvoxel_views
 from napari_mamba_seg.data._grid import Grid
@@ -143,12 +144,8 @@ def _validate(config: PhantomConfig) -> None:
     shape, spacing = config.shape, config.spacing
     if len(tuple(shape)) != 3 or not all(isinstance(n, (int, np.integer)) and n > 0 for n in shape):
         raise _invalid("shape", shape, "three positive integers (z, y, x)")
-    if len(tuple(spacing)) != 3 or not all(
-        isinstance(s, (int, float, np.number)) and math.isfinite(s) and s > 0 for s in spacing
-    ):
-        raise _invalid("spacing", spacing, "three positive finite voxel sizes in mm (z, y, x)")
     object.__setattr__(config, "shape", tuple(int(n) for n in shape))
-    object.__setattr__(config, "spacing", tuple(float(s) for s in spacing))
+    object.__setattr__(config, "spacing", checked_spacing(spacing, 3, name="PhantomConfig.spacing", axes="z, y, x"))
     if config.shape[0] < 8 or min(config.shape[1:]) < 48:
         raise _invalid("shape", config.shape, "at least (8, 48, 48) voxels (the shape is too small)")
     fov = [n * s for n, s in zip(config.shape, config.spacing, strict=True)]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from napari_mamba_seg._generators import CancelSignal, cancel_predicate, run_to_end
+from napari_mamba_seg._spacing import checked_spacing
 from napari_mamba_seg.bundles import ModelCard, load_bundle
 from napari_mamba_seg.inference.device import PRECISIONS, resolve_precision, select_device
 from napari_mamba_seg.inference.device import autocast as autocast_context
@@ -375,13 +376,7 @@ class Predictor:
     def _check_spacing(self, spacing: Sequence[float] | None, spatial_dims: int) -> tuple[float, ...] | None:
         if spacing is None:
             return None
-        values = tuple(float(s) for s in spacing)
-        if len(values) != spatial_dims or not all(math.isfinite(s) and s > 0 for s in values):
-            raise ValueError(
-                f"spacing must be {spatial_dims} positive voxel sizes in mm (one per spatial axis, array order), "
-                f"got {tuple(spacing)}"
-            )
-        return values
+        return checked_spacing(spacing, spatial_dims)
 
     # -------------------------------------------------------------------------------------------------- planning
 

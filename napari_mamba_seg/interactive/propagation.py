@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from napari_mamba_seg._spacing import checked_spacing
 from napari_mamba_seg.interactive._checks import (
     check_axis,
     check_class_in_probabilities,
@@ -283,13 +284,8 @@ def _names(classes: Sequence[int]) -> str:
 def _in_plane_spacing(spacing: Sequence[float] | None, ndim: int, axis: int) -> tuple[float, ...] | None:
     if spacing is None:
         return None
-    values = tuple(spacing) if isinstance(spacing, (list, tuple, np.ndarray)) else None
-    if values is None or len(values) != ndim or not all(np.isfinite(v) and v > 0 for v in np.asarray(values, float)):
-        raise ValueError(
-            f"spacing must be {ndim} positive voxel sizes in mm, one per axis of the labels (array order), got "
-            f"{spacing!r}"
-        )
-    return tuple(float(v) for dim, v in enumerate(values) if dim != axis)
+    values = checked_spacing(spacing, ndim, axes="one per axis of the labels, array order")
+    return tuple(v for dim, v in enumerate(values) if dim != axis)
 
 
 def _signed_distance(mask: np.ndarray, sampling: tuple[float, ...] | None) -> np.ndarray:

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from napari_mamba_seg._spacing import checked_spacing
+
 __all__ = ["IMAGE_SUFFIXES", "ImageGeometry", "ImageReadError", "MedicalImage", "matching_suffix"]
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".ome.tiff", ".ome.tif", ".tiff", ".tif")
@@ -83,10 +85,8 @@ class ImageGeometry:
             direction: ``(n, n)`` matrix whose column ``a`` is the unit world direction of array axis ``a``; the
                 identity when None.
         """
-        spacing = np.asarray(spacing, dtype=np.float64)
+        spacing = np.asarray(checked_spacing(spacing, (2, 3)), dtype=np.float64)
         n = spacing.size
-        if n not in (2, 3) or np.any(spacing <= 0) or not np.all(np.isfinite(spacing)):
-            raise ValueError(f"spacing must be 2 or 3 positive finite values in mm, got {spacing.tolist()}")
         direction = np.eye(n) if direction is None else np.asarray(direction, dtype=np.float64)
         origin = np.zeros(n) if origin is None else np.asarray(origin, dtype=np.float64)
         if direction.shape != (n, n) or origin.shape != (n,):

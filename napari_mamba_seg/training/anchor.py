@@ -28,6 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_mamba_seg._spacing import checked_spacing
+
 __all__ = [
     "DEFER_MARGIN",
     "DEFER_MARGIN_MM",
@@ -77,9 +79,7 @@ def defer_extent(
         raise ValueError(f"margin_mm and reach_mm must be >= 0, got {margin_mm} and {reach_mm}")
     if spacing is None:
         return DEFER_MARGIN, DEFER_REACH
-    spacing = [float(s) for s in spacing]
-    if not all(np.isfinite(s) and s > 0 for s in spacing):
-        raise ValueError(f"spacing must be positive and finite in every axis, got {spacing}")
+    spacing = checked_spacing(spacing, (2, 3))
     if not -len(spacing) <= axis < len(spacing):
         raise ValueError(f"axis {axis} is out of range for a {len(spacing)}D spacing")
     axis %= len(spacing)

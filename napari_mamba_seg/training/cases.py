@@ -30,6 +30,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from napari_mamba_seg._spacing import checked_spacing
 from napari_mamba_seg.io import MedicalImage, read_image
 
 __all__ = ["NnUNetRawDataset", "TrainingCase", "load_nnunet_raw"]
@@ -92,13 +93,7 @@ class TrainingCase:
                     f"{self.trusted.shape} and dtype {self.trusted.dtype}"
                 )
         if self.spacing is not None:
-            spacing = tuple(float(s) for s in self.spacing)
-            if len(spacing) != len(spatial) or not all(np.isfinite(s) and s > 0 for s in spacing):
-                raise ValueError(
-                    f"case {name!r}: spacing must be {len(spatial)} positive voxel sizes in mm (array order), got "
-                    f"{tuple(self.spacing)}"
-                )
-            self.spacing = spacing
+            self.spacing = checked_spacing(self.spacing, len(spatial), name=f"case {name!r}: spacing")
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:

@@ -38,6 +38,7 @@ from torch import nn
 
 from napari_mamba_seg._durable import fsync_directory, write_durably
 from napari_mamba_seg._generators import CancelSignal
+from napari_mamba_seg._spacing import checked_spacing
 from napari_mamba_seg.bundles import Bundle, ModelCard, load_bundle, save_bundle, user_bundle_root
 from napari_mamba_seg.inference import PredictionSettings, Predictor
 from napari_mamba_seg.inference.predictor import slice_axis_for
@@ -105,13 +106,9 @@ class CorrectedStudy:
                 )
         self.review.check_fits(self.labels.shape)
         if self.spacing is not None:
-            spacing = tuple(float(s) for s in self.spacing)
-            if len(spacing) != self.labels.ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
-                raise ValueError(
-                    f"study {self.name!r}: spacing {self.spacing} must give the voxel size in mm, > 0, for each of the "
-                    f"{self.labels.ndim} spatial axes (array order), or be None"
-                )
-            self.spacing = spacing
+            self.spacing = checked_spacing(
+                self.spacing, self.labels.ndim, name=f"study {self.name!r}: spacing", axes="array order, or None"
+            )
 
     def changed(self) -> np.ndarray | None:
         """``(*spatial)`` bool: where the labels differ from :attr:`predicted` (None without a prediction)."""

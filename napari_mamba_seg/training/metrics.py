@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_mamba_seg._spacing import checked_spacing
+
 __all__ = ["confusion_matrix", "dice_per_class", "hd95", "surface_distances"]
 
 
@@ -141,7 +143,4 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 def _sampling(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...]:
     if spacing is None:
         return (1.0,) * ndim
-    sampling = tuple(float(s) for s in spacing)
-    if len(sampling) != ndim or min(sampling) <= 0:
-        raise ValueError(f"spacing must give {ndim} positive voxel sizes, got {tuple(spacing)}")
-    return sampling
+    return checked_spacing(spacing, ndim)

@@ -275,9 +275,9 @@ def test_interpolating_a_class_that_fills_both_slices_fills_the_slices_between()
         ((0, 1, 7), {}, "end must be a slice index from 0 to 5"),
         ((0, 1, 4), {"label": 2}, "label 2 is not drawn on slice 4; draw it on both slices 1 and 4"),
         ((0, 0, 4), {}, r"no class is drawn on both slices 0 \(classes none\) and 4 \(classes \[1\]\)"),
-        ((0, 1, 4), {"spacing": (1.0, 1.0)}, "spacing must be 3 positive voxel sizes"),
-        ((0, 1, 4), {"spacing": (1.0, 0.0, 1.0)}, "spacing must be 3 positive voxel sizes"),
-        ((0, 1, 4), {"spacing": 1.0}, "spacing must be 3 positive voxel sizes"),
+        ((0, 1, 4), {"spacing": (1.0, 1.0)}, "spacing must be 3 positive finite voxel sizes"),
+        ((0, 1, 4), {"spacing": (1.0, 0.0, 1.0)}, "spacing must be 3 positive finite voxel sizes"),
+        ((0, 1, 4), {"spacing": 1.0}, "spacing must be 3 positive finite voxel sizes"),
     ],
 )
 def test_interpolate_slices_refuses_bad_arguments(args: tuple, kwargs: dict, message: str) -> None:

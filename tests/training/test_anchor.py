@@ -128,7 +128,7 @@ def test_bad_distances_and_spacings_are_refused() -> None:
     with pytest.raises(ValueError, match="margin_mm and reach_mm must be >= 0"):
         defer_extent((1.0, 1.0, 1.0), 0, reach_mm=-1)
     for bad in ((1.0, 0.0, 1.0), (1.0, float("nan"), 1.0), (-1.0, 1.0, 1.0)):
-        with pytest.raises(ValueError, match="positive and finite"):
+        with pytest.raises(ValueError, match="spacing must be 2 or 3 positive finite voxel sizes"):
             defer_extent(bad, 0)
     with pytest.raises(ValueError, match="out of range"):
         defer_extent((1.0, 1.0, 1.0), 3)

@@ -167,6 +167,8 @@ def test_bad_studies_are_refused(parent) -> None:
     with pytest.raises(ValueError, match="do not fit the image"):
         CorrectedStudy(study.image, study.labels[:3], study.review)
     for spacing in ((1.0, 1.0), (1.0, 0.0, 1.0), (1.0, float("inf"), 1.0)):
-        with pytest.raises(ValueError, match=r"spacing .* must give the voxel size in mm, > 0, for each of the 3"):
+        with pytest.raises(
+            ValueError, match=r"study .*: spacing must be 3 positive finite voxel sizes in mm \(array order, or None\)"
+        ):
             CorrectedStudy(study.image, study.labels, study.review, spacing)
     assert CorrectedStudy(study.image, study.labels, study.review, [2, 1, 1]).spacing == (2.0, 1.0, 1.0)

@@ -3,8 +3,8 @@
 napari's brush, eraser and fill stay the main tools (napari's own history covers them). This widget calls the
 pure-array tools of :mod:`napari_mamba_seg.interactive` on the chosen Labels layer's data, applies the returned
 :class:`~napari_mamba_seg.interactive.Edit` in place and keeps it on an undo stack per layer. The model's
-probabilities (for click refinement and model-guided propagation) are computed in a worker thread from the model
-and image layers the Segment widget recorded in the layer's metadata, once per layer.
+probabilities (for click refinement, model-guided propagation and the most uncertain slice) are computed in a
+worker thread from the model and image layers the Segment widget recorded in the layer's metadata, once per layer.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QGridLayout,
     QGroupBox,
@@ -36,6 +37,7 @@ from napari_mamba_seg._napari._segment_widget import RESULT_KEY
 from napari_mamba_seg._napari._status import StatusLine, layer_key
 from napari_mamba_seg._napari._workers import start_job
 from napari_mamba_seg.interactive import (
+    DEFAULT_SPREAD_MM,
     REVIEW_METADATA_KEY,
     CorrectionJournal,
     Edit,
@@ -43,12 +45,15 @@ from napari_mamba_seg.interactive import (
     ReviewState,
     UndoStack,
     default_recovery_root,
+    expected_errors_per_slice,
     fill_holes,
     interpolate_slices,
     keep_largest_component,
     propagate_slice,
     refine_with_clicks,
     remove_small_islands,
+    review_order,
+    slices_within,
 )
 
 if TYPE_CHECKING:
@@ -87,14 +92,35 @@ class CorrectWidget(QWidget):
         self.only_selected.setToolTip("apply clean-up and propagation to the layer's selected label only")
 
         self.review_text = QLabel()
+        self.spread_mm = QDoubleSpinBox()
+        self.spread_mm.setRange(0.0, 200.0)
+        self.spread_mm.setDecimals(1)
+        self.spread_mm.setValue(DEFAULT_SPREAD_MM)
+        self.spread_mm.setSuffix(" mm")
+        self.spread_mm.setToolTip(
+            "Most uncertain first looks this far from the reviewed slices (0: anywhere). Spread-out slices teach a "
+            "fine-tune more (neighbours repeat each other's errors); 0 finds the most errors in the fewest slices."
+        )
+        spread_row = QWidget()
+        spread_layout = QHBoxLayout(spread_row)
+        spread_layout.setContentsMargins(0, 0, 0, 0)
+        spread_layout.addWidget(QLabel("Most uncertain at least"))
+        spread_layout.addWidget(self.spread_mm)
+        spread_layout.addWidget(QLabel("from reviewed slices"))
+        review_extra = QWidget()
+        review_extra_layout = QVBoxLayout(review_extra)
+        review_extra_layout.setContentsMargins(0, 0, 0, 0)
+        review_extra_layout.addWidget(spread_row)
+        review_extra_layout.addWidget(self.review_text)
         review = self._group(
             "Review",
             [
                 ("Mark slice reviewed", self.mark_reviewed),
                 ("Unmark", self.unmark_reviewed),
                 ("Next unreviewed", self.go_to_next_unreviewed),
+                ("Most uncertain", self.go_to_most_uncertain),
             ],
-            extra=self.review_text,
+            extra=review_extra,
         )
         clicks = self._group(
             "Clicks",
@@ -263,6 +289,41 @@ class CorrectWidget(QWidget):
                 self._say("every slice is reviewed")
                 return
             self._go_to_slice(layer, axis, target)
+
+        self._guarded(go)
+
+    def go_to_most_uncertain(self) -> None:
+        """Move napari to the unreviewed slice where the model expects the most wrong voxels, first looking farther
+        than the spread (default :data:`~napari_mamba_seg.interactive.DEFAULT_SPREAD_MM`) from the reviewed slices.
+
+        The expected errors come from the model's probabilities (computed in a worker once per layer and model):
+        :func:`~napari_mamba_seg.interactive.expected_errors_per_slice` and
+        :func:`~napari_mamba_seg.interactive.review_order`.
+        """
+
+        def go() -> None:
+            layer = self.labels_layer()
+            axis, _index = self.slice_axis_and_index(layer)
+
+            def jump(probabilities: np.ndarray) -> None:
+                scores = expected_errors_per_slice(probabilities, axis)
+                review = self.review_state(layer, axis)
+                spread_mm = self.spread_mm.value()
+                spread = slices_within(spread_mm, layer.scale, axis)
+                order = review_order(review, scores, spread=spread)
+                if not order:
+                    self._say("every slice is reviewed")
+                    return
+                target = order[0]
+                self._go_to_slice(layer, axis, target)
+                far = spread > 0 and all(abs(target - index) > spread for index in review.reviewed)
+                among = f"more than {spread_mm:g} mm from a reviewed slice" if far else "all"
+                self._say(
+                    f"slice {target}: the model expects about {scores[target]:.0f} wrong voxels here, the most of the "
+                    f"unreviewed slices ({among}; {len(order)} unreviewed)"
+                )
+
+            self._with_probabilities(layer, jump)
 
         self._guarded(go)
 

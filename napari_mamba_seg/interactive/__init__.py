@@ -24,6 +24,8 @@ Tools:
   between two annotated slices);
 * :func:`refine_with_clicks` (positive and negative clicks on the model's probabilities);
 * :class:`ReviewState` (reviewed slices; its ``trusted_mask`` is what fine-tuning trains on);
+* :func:`expected_errors_per_slice`, :func:`review_order`, :func:`most_uncertain_unreviewed` (which slice to review
+  next: the one where the model expects the most wrong voxels);
 * :class:`Edit` and :class:`UndoStack`;
 * :class:`CorrectionJournal` (crash-safe autosave of the edits and the review state, restored after a crash).
 """
@@ -43,12 +45,22 @@ from napari_mamba_seg.interactive.journal import (
 )
 from napari_mamba_seg.interactive.propagation import interpolate_slices, propagate_slice
 from napari_mamba_seg.interactive.review import REVIEW_METADATA_KEY, ReviewState
+from napari_mamba_seg.interactive.uncertainty import (
+    DEFAULT_SPREAD_MM,
+    SPREAD_FLOOR,
+    expected_errors_per_slice,
+    most_uncertain_unreviewed,
+    review_order,
+    slices_within,
+)
 
 __all__ = [
     "DEFAULT_MIN_CLICK_PROBABILITY",
+    "DEFAULT_SPREAD_MM",
     "DEFAULT_UNDO_BYTES",
     "RECOVERY_ROOT_ENV",
     "REVIEW_METADATA_KEY",
+    "SPREAD_FLOOR",
     "CorrectionJournal",
     "Edit",
     "JournalError",
@@ -58,11 +70,15 @@ __all__ = [
     "UndoStack",
     "default_recovery_root",
     "discard_journal",
+    "expected_errors_per_slice",
     "fill_holes",
     "interpolate_slices",
     "journal_key",
     "keep_largest_component",
+    "most_uncertain_unreviewed",
     "propagate_slice",
     "refine_with_clicks",
     "remove_small_islands",
+    "review_order",
+    "slices_within",
 ]

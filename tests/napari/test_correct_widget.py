@@ -124,7 +124,8 @@ def test_bad_input_changes_nothing(make_napari_viewer) -> None:
     assert "3D label volumes" in widget.status.text()
 
 
-def test_clicks_refine_a_segmentation_with_the_models_probabilities(make_napari_viewer, qtbot, tmp_path) -> None:
+def _segmented(make_napari_viewer, qtbot, tmp_path):
+    """A viewer with a random scan segmented by a tiny untrained U-Net through the Segment widget, and Correct."""
     import torch
 
     from napari_mamba_seg.bundles import ModelCard, save_bundle
@@ -143,9 +144,14 @@ def test_clicks_refine_a_segmentation_with_the_models_probabilities(make_napari_
     qtbot.waitUntil(lambda: segment.worker is None, timeout=60_000)
     labels = viewer.layers[-1]
     assert labels.name == f"{image.name} · tiny"
-    labels.data[:] = 0
     _dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Correct")
     widget.labels_box.setCurrentIndex(widget.labels_box.findText(labels.name))
+    return viewer, labels, widget
+
+
+def test_clicks_refine_a_segmentation_with_the_models_probabilities(make_napari_viewer, qtbot, tmp_path) -> None:
+    viewer, labels, widget = _segmented(make_napari_viewer, qtbot, tmp_path)
+    labels.data[:] = 0
     viewer.dims.set_point(0, 4 * SCALE[0])
     _click(widget, "Add click layers")
     viewer.layers["positive clicks"].add([4, 20, 20])  # data coordinates of the click layer (the labels grid)
@@ -158,6 +164,51 @@ def test_clicks_refine_a_segmentation_with_the_models_probabilities(make_napari_
     assert len(viewer.layers["positive clicks"].data) == 0  # clicks are consumed
     widget.undo_button.click()
     assert not labels.data.any()
+
+
+def test_most_uncertain_goes_to_the_unreviewed_slice_with_the_most_expected_errors(
+    make_napari_viewer, qtbot, tmp_path
+) -> None:
+    from napari_mamba_seg.interactive import DEFAULT_SPREAD_MM, ReviewState, most_uncertain_unreviewed, slices_within
+
+    viewer, labels, widget = _segmented(make_napari_viewer, qtbot, tmp_path)
+    _go(viewer, labels, 0)
+    _click(widget, "Mark slice reviewed")
+    _click(widget, "Most uncertain")  # computes the probabilities in a worker first
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    (probabilities,) = widget.probabilities.values()
+    doubt = (1.0 - probabilities.max(axis=0)).sum(axis=(1, 2))  # expected wrong voxels per slice along z
+    spread = slices_within(DEFAULT_SPREAD_MM, SCALE, 0)
+    assert spread == 5  # 10 mm over 2 mm slices
+    reviewed = {0}
+    for _ in range(4):
+        index = widget.slice_axis_and_index(labels)[1]
+        assert index == most_uncertain_unreviewed(ReviewState(0, SHAPE[0], reviewed), doubt, spread=spread)
+        assert index not in reviewed
+        assert f"slice {index}: the model expects about {doubt[index]:.0f} wrong voxels" in widget.status.text()
+        assert f"{SHAPE[0] - len(reviewed)} unreviewed" in widget.status.text()
+        far = [i for i in range(SHAPE[0]) if all(abs(i - j) > spread for j in reviewed)]
+        if far and doubt[far].max() >= 0.1 * doubt[[i for i in range(SHAPE[0]) if i not in reviewed]].max():
+            assert index == max(far, key=lambda i: doubt[i]) and "more than 10 mm" in widget.status.text()
+        reviewed.add(index)
+        _click(widget, "Mark slice reviewed")
+        _click(widget, "Most uncertain")  # cached now: no worker
+        assert widget.worker is None
+    assert len(reviewed) == 5
+    widget.spread_mm.setValue(0.0)  # anywhere: the most expected errors of all unreviewed slices
+    _click(widget, "Most uncertain")
+    index = widget.slice_axis_and_index(labels)[1]
+    assert index == most_uncertain_unreviewed(ReviewState(0, SHAPE[0], reviewed), doubt)
+    assert doubt[index] == max(doubt[i] for i in range(SHAPE[0]) if i not in reviewed)
+    assert "(all; 3 unreviewed)" in widget.status.text()
+
+
+def test_most_uncertain_needs_a_segmentation_by_the_plugin(make_napari_viewer) -> None:
+    viewer, layer, widget = _open(make_napari_viewer, np.zeros(SHAPE, np.uint8))
+    _go(viewer, layer, 2)
+    _click(widget, "Most uncertain")
+    assert "was not made by the Segment widget" in widget.status.text()
+    assert widget.slice_axis_and_index(layer)[1] == 2 and widget.worker is None
 
 
 def test_a_new_labels_layer_becomes_the_chosen_one(make_napari_viewer) -> None:

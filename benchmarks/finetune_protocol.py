@@ -2,7 +2,8 @@
 
 For each case of ibsi_sarcoma_mr that the starting model never saw (mr-tumour's validation cases): predict it, let
 a simulated clinician replace ``k`` slices by the ground truth and mark them reviewed (the worst slice, most voxels
-wrong, of each of ``k`` equal parts of the tumour's extent: corrections spread over the tumour),
+wrong, of each of ``k`` equal parts of the tumour's extent: corrections spread over the tumour; or, with ``--choose
+uncertain``, the ``k`` slices the Correct widget's "Most uncertain" button shows, chosen without the ground truth),
 fine-tune on those slices only (:func:`napari_mamba_seg.training.finetune.finetune`; one of them held out for the
 safety net; the prediction is given as the study's ``predicted``, so ``changed_weight`` can weigh the corrected
 voxels up), and measure the 3D Dice on the case's *other* slices before, after the fine-tune, and with the model
@@ -69,14 +70,34 @@ class CorrectedCase:
     corrected: np.ndarray
 
 
-def correct_case(model: str, image, truth: np.ndarray, name: str, k: int) -> CorrectedCase:
-    """Predict ``image`` with ``model`` and replace ``k`` of its slices by ``truth`` (:func:`worst_slices`)."""
+def uncertain_slices(probabilities: np.ndarray, axis: int, k: int, spread: int = 0) -> list[int]:
+    """What a clinician who presses "Most uncertain" ``k`` times corrects: the first ``k`` slices of
+    :func:`~napari_mamba_seg.interactive.review_order` by expected wrong voxels (no ground truth needed)."""
+    from napari_mamba_seg.interactive import ReviewState, expected_errors_per_slice, review_order
+
+    expected = expected_errors_per_slice(probabilities, axis)
+    return sorted(review_order(ReviewState(axis, len(expected)), expected, spread=spread)[:k])
+
+
+def correct_case(
+    model: str, image, truth: np.ndarray, name: str, k: int, choose: str = "worst", spread_mm: float = 0.0
+) -> CorrectedCase:
+    """Predict ``image`` with ``model`` and replace ``k`` of its slices by ``truth``: :func:`worst_slices` (``choose``
+    "worst") or :func:`uncertain_slices` ("uncertain", spread by ``spread_mm``)."""
     from napari_mamba_seg.inference import PredictionSettings, Predictor
+    from napari_mamba_seg.interactive import slices_within
 
     axis = int(np.argmax(image.geometry.spacing))
-    predictor = Predictor.from_bundle(model, PredictionSettings(device="cpu"))
-    prediction = predictor.predict(image).labels
-    slices = worst_slices(prediction, truth, axis, k)
+    settings = PredictionSettings(device="cpu", return_probabilities=choose == "uncertain")
+    prediction = Predictor.from_bundle(model, settings).predict(image)
+    if choose == "uncertain":
+        spread = slices_within(spread_mm, image.geometry.spacing, axis)
+        slices = uncertain_slices(prediction.probabilities, axis, k, spread)
+    elif choose == "worst":
+        slices = worst_slices(prediction.labels, truth, axis, k)
+    else:
+        raise ValueError(f"choose must be 'worst' or 'uncertain', got {choose!r}")
+    prediction = prediction.labels
     corrected = prediction.copy()
     for index in slices:
         region = [slice(None)] * truth.ndim
@@ -192,6 +213,14 @@ def main() -> None:
     parser.add_argument("--model", default="mr-tumour")
     parser.add_argument("--cases", nargs="*", help="default: the model's validation cases (from its card)")
     parser.add_argument("--k", type=int, default=3, help="corrected slices per case")
+    parser.add_argument(
+        "--choose",
+        choices=("worst", "uncertain"),
+        default="worst",
+        help="which slices the simulated clinician corrects: the worst of k parts of the tumour (needs the ground "
+        "truth), or the k that 'Most uncertain' shows (default: worst)",
+    )
+    parser.add_argument("--spread-mm", type=float, default=0.0, help="with --choose uncertain: the spread in mm")
     parser.add_argument("--steps", type=int, help="default: FineTuneSettings'")
     parser.add_argument("--epochs", type=int, help="epochs instead of steps")
     parser.add_argument("--lr", type=float, help="default: FineTuneSettings'")
@@ -242,15 +271,16 @@ def main() -> None:
     base = FineTuneSettings(device="cpu", **{key: value for key, value in given.items() if value is not None})
     variants = [parse_variant(text, base) for text in args.variant] if args.variant else [base]
     print(
-        f"model {args.model}, k={args.k}; base settings {base}; {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; {date.today()}",
+        f"model {args.model}, k={args.k}, {args.choose} slices (spread {args.spread_mm} mm); base settings {base}; "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; {date.today()}",
         flush=True,
     )
     rows: list[list[dict]] = [[] for _ in variants]
     for name in cases:
         image = read_image(args.data / name / "image.nii.gz")
         truth = read_image(args.data / name / "mask.nii.gz").array[0]
-        case = correct_case(args.model, image, truth, name, args.k)
+        case = correct_case(args.model, image, truth, name, args.k, args.choose, args.spread_mm)
         for number, settings in enumerate(variants):  # interleaved: every setting on a case before the next case
             rows[number].append(row := finetune_case(args.model, case, settings))
             print(

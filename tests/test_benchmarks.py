@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,37 @@ def test_training_throughput_rows_of_tiny_models(training_benchmark) -> None:
     by_model = {line.split()[0]: line.split() for line in table[1:]}
     assert by_model["test_unet"][-1] == "1.00" and by_model["test_unet_3d"][-1] == "1.00"
     assert float(by_model["test_vm_unet"][-1]) > 0
+
+
+@pytest.fixture(scope="module")
+def review_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmarks_review_order", BENCHMARKS / "review_order.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_review_orders_cover_the_wrong_voxels_as_counted(review_benchmark) -> None:
+    rng = np.random.default_rng(0)
+    wrong = rng.integers(0, 50, 20)
+    expected = wrong + rng.normal(0, 10, 20)  # an imperfect estimate
+    foreground = wrong > 25
+    orders = review_benchmark.review_orders(expected, wrong, foreground)
+    for order in orders.values():
+        assert sorted(order) == list(range(20))  # every slice once
+    assert orders["most uncertain"] == list(np.argsort(-expected, kind="stable"))
+    assert orders["foreground, in order"][: foreground.sum()] == list(np.flatnonzero(foreground))
+    for k in (1, 3, 5, 20):
+        shares = {name: review_benchmark.coverage(order, wrong, k) for name, order in orders.items()}
+        assert shares["oracle"] == max(shares.values())  # no order covers more than the oracle
+        assert shares["in order"] == pytest.approx(wrong[:k].sum() / wrong.sum())
+    assert review_benchmark.coverage(orders["in order"], wrong, 20) == pytest.approx(1.0)
+    assert review_benchmark.coverage([0, 1], np.zeros(3), 1) == 1.0  # nothing wrong: nothing left to find
+
+
+def test_review_order_counts_wrong_voxels_per_slice_along_the_axis(review_benchmark) -> None:
+    mask = np.zeros((3, 4, 5), bool)
+    mask[1, :2, :] = True
+    mask[:, 0, 0] = True
+    np.testing.assert_array_equal(review_benchmark.slice_counts(mask, 0), [1, 10, 1])
+    np.testing.assert_array_equal(review_benchmark.slice_counts(mask, 1), [7, 5, 0, 0])

@@ -342,9 +342,12 @@ class CorrectWidget(QWidget):
             return
         mark = "reviewed" if state.is_reviewed(index) else "not reviewed"
         done = state.num_slices - state.remaining
-        self.review_text.setText(
-            f"slice {index}: {mark}; {done} of {state.num_slices} reviewed, {state.remaining} remaining"
-        )
+        text = f"slice {index}: {mark}; {done} of {state.num_slices} reviewed, {state.remaining} remaining"
+        cached = self.probabilities.get(_probabilities_key(layer))
+        if cached is not None and cached.shape[1:] == layer.data.shape:  # known once computed for another tool
+            expected = expected_errors_per_slice(np.take(cached, [index], axis=axis + 1), axis)[0]
+            text += f"; the model expects about {expected:.0f} wrong voxels here"
+        self.review_text.setText(text)
 
     # ----------------------------------------------------------------------------------------- clicks
 

@@ -187,6 +187,7 @@ def test_most_uncertain_goes_to_the_unreviewed_slice_with_the_most_expected_erro
         assert index not in reviewed
         assert f"slice {index}: the model expects about {doubt[index]:.0f} wrong voxels" in widget.status.text()
         assert f"{SHAPE[0] - len(reviewed)} unreviewed" in widget.status.text()
+        assert widget.review_text.text().endswith(f"the model expects about {doubt[index]:.0f} wrong voxels here")
         far = [i for i in range(SHAPE[0]) if all(abs(i - j) > spread for j in reviewed)]
         if far and doubt[far].max() >= 0.1 * doubt[[i for i in range(SHAPE[0]) if i not in reviewed]].max():
             assert index == max(far, key=lambda i: doubt[i]) and "more than 10 mm" in widget.status.text()

@@ -19,6 +19,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,9 +180,15 @@ def run_predict(args: argparse.Namespace) -> int:
     if not jobs:
         return 2
     failures = len(unusable)
+    try:
+        report = _review_report(args)
+    except USER_ERRORS as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
     for job in jobs:
+        observe = None if report is None else partial(_add_review_row, report, job, args.axis)
         try:
-            written = _run_job(predictor, job, args, predict_job)
+            written = _run_job(predictor, job, args, predict_job, observe)
         except KeyboardInterrupt:
             print(f"\ninterrupted: {job.source} was not written", file=sys.stderr)
             return 130
@@ -212,7 +219,7 @@ def _predictor_and_jobs(
         device=args.device,
         axis=args.axis,
         tta=args.tta,
-        return_probabilities=args.save_probs,
+        return_probabilities=args.save_probs or args.review_report,
         batch_size=args.batch_size,
         memory_budget_mb=args.memory_budget,
     )
@@ -223,10 +230,26 @@ def _predictor_and_jobs(
     return predictor, jobs, unusable
 
 
-def _run_job(predictor: Any, job: FileJob, args: argparse.Namespace, predict_job: Callable) -> list[Path]:
+def _review_report(args: argparse.Namespace) -> Any:
+    """The ``--review-report`` CSV in the output folder, or None (refused when it exists without --overwrite)."""
+    if not args.review_report:
+        return None
+    from napari_mamba_seg._cli_review import REVIEW_REPORT_NAME, ReviewReport
+
+    return ReviewReport(Path(args.output) / REVIEW_REPORT_NAME, overwrite=args.overwrite)
+
+
+def _add_review_row(report: Any, job: FileJob, axis: str | int, image: Any, prediction: Any) -> None:
+    report.add(job.source, job.labels_path, image, prediction, axis)
+
+
+def _run_job(
+    predictor: Any, job: FileJob, args: argparse.Namespace, predict_job: Callable, observe: Callable | None = None
+) -> list[Path]:
     """Predict one job with a progress bar on stderr (unless --quiet); returns the written files."""
+    options = {"series_uid": args.series, "overwrite": args.overwrite, "model_name": args.model, "observe": observe}
     if args.quiet:
-        return predict_job(predictor, job, series_uid=args.series, overwrite=args.overwrite, model_name=args.model)
+        return predict_job(predictor, job, **options)
     from tqdm import tqdm
 
     with tqdm(total=1, desc=job.source.name, unit="step", file=sys.stderr, leave=False) as bar:
@@ -240,9 +263,7 @@ def _run_job(predictor: Any, job: FileJob, args: argparse.Namespace, predict_job
             bar.n = progress.done
             bar.refresh()
 
-        return predict_job(
-            predictor, job, series_uid=args.series, overwrite=args.overwrite, progress=show, model_name=args.model
-        )
+        return predict_job(predictor, job, progress=show, **options)
 
 
 def _error_line(source: Path, error: BaseException | str) -> str:
@@ -347,6 +368,12 @@ def _add_predict_parser(subcommands: argparse._SubParsersAction) -> None:
     predict.add_argument("--tta", action="store_true", help="average over flipped copies (slower, smoother)")
     predict.add_argument(
         "--save-probs", action="store_true", help="also write <name>_probabilities (one channel per class, float32)"
+    )
+    predict.add_argument(
+        "--review-report",
+        action="store_true",
+        help="also write OUTDIR/review.csv: per case the wrong voxels the model expects (in voxels and mL) and the "
+        "slices to review first, the cases the model is least sure of first",
     )
     predict.add_argument("--batch-size", type=int, default=None, help="slices or tiles per forward (default: auto)")
     predict.add_argument(

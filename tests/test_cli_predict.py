@@ -165,6 +165,51 @@ def test_an_existing_result_is_never_overwritten_without_overwrite(
     assert np.array_equal(np.asarray(nib.load(precious).dataobj).transpose(2, 1, 0), _engine_labels(bundle, source))
 
 
+def test_the_review_report_ranks_cases_and_slices_by_the_errors_the_model_expects(
+    bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    from napari_mamba_seg.interactive import DEFAULT_SPREAD_MM, ReviewState, review_order, slices_within
+
+    sources = [_write_nifti(tmp_path / f"case_{seed}.nii.gz", _volume(seed, (24, 20, 9)) * seed) for seed in (1, 2, 3)]
+    out = tmp_path / "out"
+    args = ["predict", "-q", "-m", str(bundle), *map(str, sources), "-o", str(out), "--device", "cpu"]
+    assert cli.main([*args, "--review-report"]) == 0
+    assert not list(out.glob("*probabilities*"))  # computed for the report, written only with --save-probs
+    with open(out / "review.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 3
+    expected_totals = []
+    for row in rows:
+        image = read_image(row["input"])
+        predictor = Predictor.from_bundle(bundle, PredictionSettings(device="cpu", return_probabilities=True))
+        prediction = predictor.predict(image.array, image.geometry.spacing)
+        spacing = image.geometry.spacing  # (2.5, 0.8, 0.7) in array order: z is the coarsest, the slice axis
+        doubt = 1.0 - prediction.probabilities.max(axis=0).astype(np.float64)
+        per_slice = doubt.sum(axis=(1, 2))
+        assert row["slice_axis"] == "0"
+        assert Path(row["labels"]).name == Path(row["input"]).name.replace(".nii", "_labels.nii")
+        assert float(row["expected_wrong_voxels"]) == pytest.approx(per_slice.sum(), abs=0.06)
+        assert float(row["expected_wrong_ml"]) == pytest.approx(per_slice.sum() * np.prod(spacing) / 1000, abs=6e-4)
+        assert float(row["foreground_ml"]) == pytest.approx(
+            (prediction.labels > 0).sum() * np.prod(spacing) / 1000, abs=6e-4
+        )
+        spread = slices_within(DEFAULT_SPREAD_MM, spacing, 0)
+        assert spread == 4  # 10 mm over 2.5 mm slices
+        order = review_order(ReviewState(0, 9), per_slice, spread=spread)[:5]
+        assert row["slices_to_review"] == " ".join(map(str, order))
+        expected_totals.append(float(row["expected_wrong_voxels"]))
+    assert expected_totals == sorted(expected_totals, reverse=True)  # the least sure case first
+
+    before = (out / "review.csv").read_bytes()
+    assert cli.main([*args, "--review-report"]) == 2  # an earlier report is never replaced without --overwrite
+    assert "review.csv already exists; refusing to overwrite" in capsys.readouterr().err
+    assert (out / "review.csv").read_bytes() == before
+    assert cli.main([*args, "--review-report", "--overwrite"]) == 0
+    assert (out / "review.csv").read_bytes() == before  # the same run again: the same report
+
+
 def test_an_interrupted_run_writes_nothing(
     bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

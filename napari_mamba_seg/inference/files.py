@@ -13,6 +13,7 @@ from typing import Any
 
 from napari_mamba_seg.io import (
     ImageReadError,
+    MedicalImage,
     discover_inputs,
     read_image,
     write_dicom_seg,
@@ -134,6 +135,7 @@ def predict_job(
     progress: Callable[[Any], None] | None = None,
     cancel: Any = None,
     model_name: str | None = None,
+    observe: Callable[[MedicalImage, Any], None] | None = None,
 ) -> list[Path]:
     """Read ``job.source``, predict with ``predictor``, write the labels (and probabilities) in its geometry.
 
@@ -146,6 +148,8 @@ def predict_job(
         cancel: A ``threading.Event`` or a callable; when set, ``PredictionCancelled`` is raised and nothing
             is written.
         model_name: Recorded in a DICOM-SEG's algorithm identification.
+        observe: Called with the image read and its ``Prediction`` once the results are written (e.g. the review
+            report of ``napari-mamba-seg predict --review-report``).
 
     Returns:
         The files written, labels first.
@@ -179,4 +183,6 @@ def predict_job(
         )
     else:
         write_labels(prediction.labels, job.labels_path, image, overwrite=overwrite)
+    if observe is not None:
+        observe(image, prediction)
     return [job.labels_path, *written]

@@ -17,12 +17,17 @@ from napari_mamba_seg.models import create_model
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def models_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_models", BENCHMARKS / "models.py")
+def _load_benchmark(script: str):
+    """A script of benchmarks/ as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{Path(script).stem}", BENCHMARKS / script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def models_benchmark():
+    return _load_benchmark("models.py")
 
 
 @pytest.fixture
@@ -70,10 +75,7 @@ def test_table_prints(models_benchmark, restore_threads, capsys) -> None:
 
 @pytest.fixture(scope="module")
 def training_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_training", BENCHMARKS / "training.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_benchmark("training.py")
 
 
 def test_training_throughput_rows_of_tiny_models(training_benchmark) -> None:
@@ -96,10 +98,7 @@ def test_training_throughput_rows_of_tiny_models(training_benchmark) -> None:
 
 @pytest.fixture(scope="module")
 def review_benchmark():
-    spec = importlib.util.spec_from_file_location("benchmarks_review_order", BENCHMARKS / "review_order.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_benchmark("review_order.py")
 
 
 def test_review_orders_cover_the_wrong_voxels_as_counted(review_benchmark) -> None:

@@ -79,4 +79,6 @@ def test_protocol_on_a_small_unseen_case(protocol, shared_data) -> None:
     assert len(row["slices"]) == 3
     assert 0.5 < row["before"] <= 1 and 0 <= row["after"] <= 1
     assert row["kept"] == (row["after"] if row["activated"] else row["before"])
+    wrong_before, wrong_after = row["holdout_wrong"]  # what a judge counting wrong voxels would see
+    assert row["kept_by_errors"] == (row["after"] if wrong_after <= wrong_before else row["before"])
     assert row["kept"] >= row["before"] - 0.01

@@ -2,9 +2,10 @@
 
 For every input segmented, the number of wrong voxels the model expects (from its probabilities:
 :func:`napari_mamba_seg.interactive.expected_errors_per_slice`), in voxels and in mL, and the first slices of the
-Correct widget's "Most uncertain" order (spread :data:`~napari_mamba_seg.interactive.DEFAULT_SPREAD_MM`). The CSV
-lists the cases the model is least sure of first; it is rewritten (atomically) after each case, so an interrupted
-batch keeps the rows of the cases written.
+Correct widget's "Most uncertain" order (spread :data:`~napari_mamba_seg.interactive.DEFAULT_SPREAD_MM`). A 2D
+image has no volume and no slices to choose: those columns stay empty. The CSV lists the cases the model is least
+sure of first; it is rewritten (atomically) after each case, so an interrupted batch keeps the rows of the cases
+written.
 """
 
 from __future__ import annotations
@@ -100,17 +101,23 @@ def review_row(source: Path, labels: Path, image: Any, prediction: Any, axis: in
     if prediction.probabilities is None:
         raise ValueError("the review report needs the model's probabilities: predict with return_probabilities=True")
     spacing = image.geometry.spacing
-    axis = slice_axis_for(spacing, axis)
-    expected = expected_errors_per_slice(prediction.probabilities, axis)
-    spread = slices_within(DEFAULT_SPREAD_MM, spacing, axis)
-    order = review_order(ReviewState(axis, len(expected)), expected, spread=spread)[:REVIEW_SLICES]
     voxel_ml = math.prod(float(s) for s in spacing) / 1000.0
+    foreground_ml = int((prediction.labels > 0).sum()) * voxel_ml
+    if len(spacing) == 2:  # one slice: nothing to choose between
+        axis, order = "", []
+        total = float(expected_errors_per_slice(prediction.probabilities, 0).sum())
+    else:
+        axis = slice_axis_for(spacing, axis)
+        expected = expected_errors_per_slice(prediction.probabilities, axis)
+        spread = slices_within(DEFAULT_SPREAD_MM, spacing, axis)
+        order = review_order(ReviewState(axis, len(expected)), expected, spread=spread)[:REVIEW_SLICES]
+        total = float(expected.sum())
     return {
         "input": str(source),
         "labels": str(labels),
         "slice_axis": axis,
-        "expected_wrong_voxels": float(expected.sum()),
-        "expected_wrong_ml": f"{float(expected.sum()) * voxel_ml:.3f}",
-        "foreground_ml": f"{int((prediction.labels > 0).sum()) * voxel_ml:.3f}",
+        "expected_wrong_voxels": total,
+        "expected_wrong_ml": "" if axis == "" else f"{total * voxel_ml:.3f}",
+        "foreground_ml": "" if axis == "" else f"{foreground_ml:.3f}",
         "slices_to_review": " ".join(str(index) for index in order),
     }

@@ -210,6 +210,24 @@ def test_the_review_report_ranks_cases_and_slices_by_the_errors_the_model_expect
     assert (out / "review.csv").read_bytes() == before  # the same run again: the same report
 
 
+def test_the_review_report_of_a_2d_image_proposes_no_slices(bundle: Path, tmp_path: Path) -> None:
+    import csv
+
+    from napari_mamba_seg.io import ImageGeometry, write_image
+
+    source = tmp_path / "slide.tif"
+    write_image(_volume(5, (1, 20, 18))[0][None], source, ImageGeometry.from_spacing((0.75, 0.625)))
+    out = tmp_path / "out"
+    assert cli.main(["predict", "-q", "-m", str(bundle), str(source), "-o", str(out), "--review-report"]) == 0
+    with open(out / "review.csv", newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    image = read_image(source)
+    predictor = Predictor.from_bundle(bundle, PredictionSettings(device="cpu", return_probabilities=True))
+    probabilities = predictor.predict(image.array, image.geometry.spacing).probabilities
+    assert float(row["expected_wrong_voxels"]) == pytest.approx((1 - probabilities.max(axis=0)).sum(), abs=0.06)
+    assert row["slice_axis"] == row["slices_to_review"] == row["expected_wrong_ml"] == row["foreground_ml"] == ""
+
+
 def test_an_interrupted_run_writes_nothing(
     bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from napari_mamba_seg._spacing import checked_spacing
+from napari_mamba_seg.interactive.uncertainty import slices_within
 
 __all__ = [
     "DEFER_MARGIN",
@@ -85,7 +86,7 @@ def defer_extent(
     axis %= len(spacing)
     in_plane = [s for a, s in enumerate(spacing) if a != axis]
     margin = round(margin_mm / float(np.mean(in_plane)))
-    reach = int(np.floor(reach_mm / spacing[axis] + 1e-6))
+    reach = slices_within(reach_mm, spacing, axis)
     return margin, reach
 
 

@@ -316,7 +316,7 @@ class CorrectWidget(QWidget):
                     return
                 target = order[0]
                 self._go_to_slice(layer, axis, target)
-                far = spread > 0 and all(abs(target - index) > spread for index in review.reviewed)
+                far = spread > 0 and bool(review.reviewed) and all(abs(target - i) > spread for i in review.reviewed)
                 among = f"more than {spread_mm:g} mm from a reviewed slice" if far else "all"
                 self._say(
                     f"slice {target}: the model expects about {scores[target]:.0f} wrong voxels here, the most of the "

@@ -204,6 +204,17 @@ def test_most_uncertain_goes_to_the_unreviewed_slice_with_the_most_expected_erro
     assert "(all; 3 unreviewed)" in widget.status.text()
 
 
+def test_most_uncertain_with_nothing_reviewed_says_it_looked_at_all_slices(make_napari_viewer, qtbot, tmp_path) -> None:
+    viewer, labels, widget = _segmented(make_napari_viewer, qtbot, tmp_path)
+    _go(viewer, labels, 0)
+    _click(widget, "Most uncertain")
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    (probabilities,) = widget.probabilities.values()
+    doubt = (1.0 - probabilities.max(axis=0)).sum(axis=(1, 2))
+    assert widget.slice_axis_and_index(labels)[1] == int(np.argmax(doubt))
+    assert f"(all; {SHAPE[0]} unreviewed)" in widget.status.text()  # no reviewed slice to be far from
+
+
 def test_most_uncertain_needs_a_segmentation_by_the_plugin(make_napari_viewer) -> None:
     viewer, layer, widget = _open(make_napari_viewer, np.zeros(SHAPE, np.uint8))
     _go(viewer, layer, 2)
